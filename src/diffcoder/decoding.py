@@ -1,0 +1,343 @@
+"""Block-diffusion decoding with the official Stable-DiffCoder semantics (DESIGN §2), batched and cached.
+
+The rule itself is four small pure functions: `block_spans` (where the blocks are), `commit_counts` (how many
+slots each step commits), `propose` (a token and a confidence per slot) and `choose_commits` (which slots to
+commit). `generate` drives them: one forward per step over the current block, earlier blocks from the KV cache,
+and the forward that writes a finished block's clean keys fused into the next block's first step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from diffcoder.errors import DecodingError
+from diffcoder.model import DiffusionLM
+
+# ---------------------------------------------------------------------------------------------------------
+# The rule (pure functions)
+
+
+def block_spans(prompt_len: int, gen_length: int, block: int) -> list[tuple[int, int]]:
+    """Generation blocks [start, end) aligned to absolute multiples of `block` (DESIGN §2.2).
+
+    With r = P % B != 0 the first block holds the prompt tail and the last is shortened to r slots."""
+    first = prompt_len - prompt_len % block
+    end = prompt_len + gen_length
+    return [(s, min(s + block, end)) for s in range(first, end, block)]
+
+
+def commit_counts(n_masks: int, steps: int) -> list[int]:
+    """Split n masks over `steps` steps: each gets n // S, the first n % S one more (DESIGN §2.3)."""
+    base, extra = divmod(n_masks, steps)
+    return [base + (1 if j < extra else 0) for j in range(steps)]
+
+
+def propose(
+    logits: torch.Tensor,
+    mask_id: int,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proposed token and confidence per slot (DESIGN §2.4). logits: [..., vocab] -> ([...], [...] float64)."""
+    logits = logits.to(torch.float64)
+    logits[..., mask_id] = -math.inf  # the mask token is never a prediction
+    if temperature > 0:
+        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+        x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+    else:
+        x0 = logits.argmax(-1)
+    if remasking == "low_confidence":
+        confidence = torch.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
+    elif remasking == "random":
+        confidence = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
+    else:
+        raise DecodingError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    return x0, confidence
+
+
+def choose_commits(
+    confidence: torch.Tensor, masked: torch.Tensor, k: torch.Tensor, threshold: float | None
+) -> torch.Tensor:
+    """Which masked slots to commit this step (DESIGN §2.5). All [rows, slots]; k: [rows] counts.
+
+    threshold None: the k most confident masked slots. Else: the most confident one plus all with conf >= τ."""
+    conf = confidence.masked_fill(~masked, -math.inf)
+    if threshold is None:
+        rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+        return masked & (rank < k[:, None])
+    best = torch.zeros_like(masked)
+    best.scatter_(-1, conf.argmax(-1, keepdim=True), True)
+    return masked & (best | (conf >= threshold))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Events for streaming and visualisation
+
+
+@dataclass
+class DecodeEvent:
+    """kind: 'commit' (slots committed in a step), 'block' (a block is final), 'done' (the row is finished).
+
+    positions are absolute positions in the row's sequence (prompt starts at 0)."""
+
+    kind: str
+    row: int
+    block: int
+    step: int
+    positions: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    sequences: list[torch.Tensor]  # prompt + generated ids per row
+    prompt_lengths: list[int]
+    forwards: int  # model forwards (NFE) for the whole batch
+    steps: int  # denoising steps that committed something, summed over rows
+
+    @property
+    def generated(self) -> list[torch.Tensor]:
+        return [s[p:] for s, p in zip(self.sequences, self.prompt_lengths)]
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(g) for g in self.generated)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument handling
+
+
+def _prompts_from(input_ids, attention_mask) -> list[torch.Tensor]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if attention_mask is None:
+            return [row for row in input_ids]
+        return [row[m.bool()] for row, m in zip(input_ids, attention_mask)]
+    return [torch.as_tensor(p, dtype=torch.long) for p in input_ids]
+
+
+def _nearest_multiples(value: int, of: int) -> str:
+    lo = max(of, value // of * of)
+    hi = lo + of if lo >= value else lo
+    return f"{lo}" if lo == hi else f"{lo} or {hi}"
+
+
+def validate(prompt_len: int, gen_length: int, steps: int, block: int, max_positions: int) -> int:
+    """Check the official code's constraints; return S, the steps per block."""
+    if block < 1:
+        raise DecodingError(f"block_length must be >= 1, got {block}")
+    if gen_length < block or gen_length % block:
+        raise DecodingError(
+            f"gen_length ({gen_length}) must be a positive multiple of block_length ({block}); "
+            f"try gen_length={_nearest_multiples(gen_length, block)}, or use max_new_tokens, which rounds up"
+        )
+    n_blocks = gen_length // block
+    if steps < 1 or steps % n_blocks:
+        raise DecodingError(
+            f"steps ({steps}) must be a positive multiple of gen_length // block_length ({n_blocks}) so every "
+            f"block gets the same number of steps; try steps={_nearest_multiples(steps, n_blocks)}"
+        )
+    if prompt_len < 1:
+        raise DecodingError("the prompt is empty: give at least one token (e.g. the BOS token)")
+    if prompt_len + gen_length > max_positions:
+        raise DecodingError(
+            f"prompt ({prompt_len} tokens) + gen_length ({gen_length}) exceeds the model's "
+            f"{max_positions} positions; shorten the prompt or lower gen_length/max_new_tokens"
+        )
+    return steps // n_blocks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver: batched, cached
+
+
+@torch.no_grad()
+def generate(
+    model: DiffusionLM,
+    input_ids: torch.Tensor | Sequence[Sequence[int]] | Sequence[torch.Tensor],
+    steps: int | None = None,
+    gen_length: int | None = None,
+    block_length: int | None = None,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    tokenizer=None,
+    shift: bool | None = None,
+    threshold: float | None = None,
+    eos_id: int | None = None,
+    mask_id: int | None = None,
+    max_new_tokens: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    on_event: Callable[[DecodeEvent], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
+    generator: torch.Generator | None = None,
+    return_result: bool = False,
+) -> torch.Tensor | GenerationResult:
+    """Decode a batch of prompts. Accepts the official call unchanged; see DESIGN §2 for the semantics.
+
+    input_ids: [N, P] tensor (with `attention_mask` for padded rows), or a list of id lists of any lengths.
+    Returns [N, L] ids (prompt + generation, right-padded with EOS), or a GenerationResult with
+    `return_result=True`. `on_event` receives commits as they happen; `cancelled(row)` is polled between
+    blocks and drops that row (e.g. a client that went away).
+    """
+    cfg = model.config
+    block = block_length or cfg.block_size
+    shift = cfg.shift if shift is None else shift
+    mask_id = cfg.mask_token_id if mask_id is None else mask_id
+    if mask_id is None:
+        raise DecodingError(
+            "this checkpoint has no mask token, so it cannot be decoded by diffusion; "
+            "run `diffcoder convert` on it first (it adds one), or pass mask_id="
+        )
+    if eos_id is None:
+        eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else cfg.eos_token_id
+    if temperature < 0:
+        raise DecodingError(f"temperature must be >= 0, got {temperature}")
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise DecodingError(f"threshold must be in (0, 1] or None, got {threshold}")
+    if remasking not in ("low_confidence", "random"):
+        raise DecodingError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    if max_new_tokens is not None:
+        if max_new_tokens < 1:
+            raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        gen_length = -(-max_new_tokens // block) * block
+    gen_length = 512 if gen_length is None else gen_length
+    steps = gen_length if steps is None else steps
+
+    prompts = _prompts_from(input_ids, attention_mask)
+    if not prompts:
+        raise DecodingError("no prompts given")
+    S = 1
+    for p in prompts:
+        S = validate(len(p), gen_length, steps, block, cfg.max_position_embeddings)
+
+    result = _decode(model, prompts, S, gen_length, block, temperature, remasking, shift, threshold,
+                     eos_id, mask_id, on_event, cancelled, generator)
+    if max_new_tokens is not None:
+        result.sequences = [s[: p + max_new_tokens] for s, p in zip(result.sequences, result.prompt_lengths)]
+    if return_result:
+        return result
+    pad = eos_id if eos_id is not None else (cfg.pad_token_id or 0)
+    width = max(len(s) for s in result.sequences)
+    out = torch.full((len(prompts), width), pad, dtype=torch.long)
+    for i, s in enumerate(result.sequences):
+        out[i, : len(s)] = s
+    return out.to(model.device)
+
+
+def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, threshold, eos_id, mask_id,
+            on_event, cancelled, generator) -> GenerationResult:
+    device = model.device
+    N = len(prompts)
+    lens = torch.tensor([len(p) for p in prompts])
+    # Left-pad every row by a multiple of B so all rows' blocks fall on the same canvas columns.
+    first_block = lens - lens % B
+    t0 = int(first_block.max())
+    pads = t0 - first_block
+    ends = pads + lens + gen_length  # exclusive canvas end per row
+    width = int(ends.max())
+    n_blocks = -(-(width - t0) // B)
+    width = t0 + n_blocks * B
+
+    canvas = torch.full((N, width), mask_id, dtype=torch.long)
+    cols = torch.arange(width)
+    for i, p in enumerate(prompts):
+        canvas[i, : pads[i]] = eos_id if eos_id is not None else 0
+        canvas[i, pads[i] : pads[i] + lens[i]] = p
+    valid = (cols >= pads[:, None]) & (cols < ends[:, None])  # real tokens (prompt or generation)
+    to_fill = (cols >= (pads + lens)[:, None]) & valid  # generation slots still masked
+    canvas[~valid & (cols >= t0)] = eos_id if eos_id is not None else 0
+
+    canvas, valid, to_fill, pads, lens = canvas.to(device), valid.to(device), to_fill.to(device), pads, lens
+    rows = list(range(N))  # original row index of each active row
+    cache = model.new_cache(N, width)
+    committed = 0  # canvas columns [0, committed) have clean keys in the cache
+    prev_logits = None  # logits at column (block start - 1), for shift=True
+    finished: dict[int, torch.Tensor] = {}
+    forwards = steps_taken = 0
+    positions = (cols.to(device)[None] - pads.to(device)[:, None]).clamp(min=0)
+
+    for b in range(n_blocks):
+        s, e = t0 + b * B, t0 + (b + 1) * B
+        n = to_fill[:, s:e].sum(-1)  # masks per active row
+        counts = torch.tensor([commit_counts(int(x), S) for x in n.tolist()], dtype=torch.long, device=device)
+        step = 0
+        while bool(to_fill[:, s:e].any()):
+            k = counts[:, step] if step < S else torch.zeros_like(n)
+            if threshold is None and not bool(k.any()):
+                step += 1  # a step that commits nothing is skipped, as in the official loop
+                continue
+            start = committed  # first step of a block also writes the previous block's clean keys
+            q_cols = torch.arange(start, e, device=device)
+            k_cols = torch.arange(0, e, device=device)
+            attn = (k_cols[None, :] // B <= q_cols[:, None] // B)[None] & valid[:, None, :e]
+            attn = (attn | (q_cols[:, None] == k_cols[None, :])[None])[:, None]  # pad queries see themselves
+            logits = model(canvas[:, start:e], positions[:, start:e], attn, cache, start)
+            forwards += 1
+            if start < s:
+                committed = s
+                prev_logits = logits[:, s - start - 1]
+            block_logits = logits[:, s - start :]
+            if shift:  # logits at column i-1 predict column i; the block's first slot uses the previous block
+                # (with no column before the block, its first slot is a prompt token: the stand-in is unused)
+                before = prev_logits if prev_logits is not None else torch.zeros_like(block_logits[:, 0])
+                block_logits = torch.cat([before[:, None], block_logits[:, :-1]], dim=1)
+            x0, conf = propose(block_logits, mask_id, temperature, remasking, generator)
+            masked = to_fill[:, s:e]
+            commit = choose_commits(conf, masked, k, threshold)
+            canvas[:, s:e] = torch.where(commit, x0, canvas[:, s:e])
+            to_fill[:, s:e] &= ~commit
+            steps_taken += int(commit.any(-1).sum())
+            if on_event is not None:
+                for r in torch.nonzero(commit.any(-1)).flatten().tolist():
+                    c = torch.nonzero(commit[r]).flatten()
+                    on_event(DecodeEvent("commit", rows[r], b, step, (c + s - int(pads[r])).tolist(),
+                                         x0[r, c].tolist()))
+            step += 1
+
+        # The block is clean: EOS stop, emit, and drop finished rows.
+        keep = []
+        for r in range(len(rows)):
+            row_end = int(ends[r])
+            blk_end = min(e, row_end)
+            gen_start = max(s, int(pads[r] + lens[r]))
+            done = blk_end >= row_end
+            if eos_id is not None and gen_start < blk_end:
+                hits = torch.nonzero(canvas[r, gen_start:blk_end] == eos_id).flatten()
+                if len(hits):
+                    canvas[r, gen_start + int(hits[0]) : blk_end] = eos_id
+                    done = True
+            if on_event is not None and gen_start < blk_end:
+                pad = int(pads[r])
+                on_event(DecodeEvent("block", rows[r], b, step, list(range(gen_start - pad, blk_end - pad)),
+                                     canvas[r, gen_start:blk_end].tolist()))
+            if not done and cancelled is not None and cancelled(rows[r]):
+                done = True
+            if done:
+                finished[rows[r]] = canvas[r, int(pads[r]) : blk_end].cpu()
+                if on_event is not None:
+                    on_event(DecodeEvent("done", rows[r], b, step))
+            else:
+                keep.append(r)
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            idx = torch.tensor(keep, device=device)
+            canvas, valid, to_fill, positions = canvas[idx], valid[idx], to_fill[idx], positions[idx]
+            cache.keep_rows(idx)
+            pads, lens, ends = pads[idx.cpu()], lens[idx.cpu()], ends[idx.cpu()]
+            if prev_logits is not None:
+                prev_logits = prev_logits[idx]
+            rows = [rows[r] for r in keep]
+    return GenerationResult(
+        sequences=[finished[i] for i in range(N)],
+        prompt_lengths=[len(p) for p in prompts],
+        forwards=forwards,
+        steps=steps_taken,
+    )
