@@ -22,6 +22,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+PR_SET_CHILD_SUBREAPER = 36
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -112,6 +113,15 @@ def _kill_all_of(uid: int) -> None:
         time.sleep(0.01)
 
 
+def _reap_all(deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                time.sleep(0.002)
+        except ChildProcessError:
+            return
+
+
 def main() -> None:
     job_dir = sys.argv[1]
     with open(os.path.join(job_dir, "job.json")) as f:
@@ -176,6 +186,8 @@ def main() -> None:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8"}
     python = job["python"]
+    # Orphans of the program (fork bombs, daemons) are re-parented to us, so we reap them all below.
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -192,7 +204,9 @@ def main() -> None:
                 os.setgid(uid)
                 os.setuid(uid)
             for which, value in limits.items():
-                resource.setrlimit(which, (value, value))
+                # CPU: SIGXCPU at the soft limit (reported as such), SIGKILL a second later at the hard one
+                hard = value + 1 if which == resource.RLIMIT_CPU else value
+                resource.setrlimit(which, (value, hard))
             os.execve(python, [python, "-I", "-B", "prog.py"], env)
         except BaseException as exc:  # noqa: BLE001 - report any setup failure through stderr
             os.write(2, f"sandbox setup failed: {exc!r}\n".encode())
@@ -220,6 +234,7 @@ def main() -> None:
         pass
     if uid is not None:
         _kill_all_of(uid)  # and any that left the group (setsid)
+    _reap_all(time.monotonic() + 2.0)
     report = {
         "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
         "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,

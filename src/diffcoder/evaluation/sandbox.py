@@ -103,14 +103,14 @@ def _last_error(stderr: str) -> tuple[str, str]:
     return "", (stderr.strip().splitlines() or [""])[-1]
 
 
-def classify(report: dict, stderr: str) -> tuple[str, str]:
+def classify(report: dict, stderr: str, cpu_limit: float | None = None) -> tuple[str, str]:
     """Map how the program ended (launcher report + stderr) to (kind, detail)."""
     import signal as sig
 
     if report.get("timed_out"):
         return "timeout", "wall-clock timeout"
     s = report.get("signal")
-    if s == sig.SIGXCPU:
+    if s == sig.SIGXCPU or (s == sig.SIGKILL and cpu_limit and report.get("cpu_s", 0) >= cpu_limit - 0.05):
         return "cpu_limit", "CPU time limit"
     if s == sig.SIGXFSZ:
         return "output_limit", "file size limit"
@@ -197,7 +197,7 @@ class Sandbox:
             except (IndexError, json.JSONDecodeError):
                 return ExecResult(False, "sandbox_error", f"launcher failed: {proc.stderr.strip()[-500:]}")
             stderr = _tail(job / "stderr")
-            kind, detail = classify(report, stderr)
+            kind, detail = classify(report, stderr, self.limits.resolved()["cpu_s"])
             return ExecResult(
                 passed=kind == "passed", kind=kind, detail=detail[:500], exit_code=report["exit_code"],
                 signal=report["signal"], wall_s=report["wall_s"], cpu_s=report["cpu_s"],
