@@ -183,7 +183,8 @@ def generate(
 
     input_ids: [N, P] tensor (with `attention_mask` for padded rows), or a list of id lists of any lengths.
     Returns [N, L] ids (prompt + generation, right-padded with EOS), or a GenerationResult with
-    `return_result=True`. `on_event` receives commits as they happen; `cancelled(row)` is polled between
+    `return_result=True`. eos_id defaults to the tokenizer's (else the config's); -1 disables the EOS stop.
+    `on_event` receives commits as they happen; `cancelled(row)` is polled between
     blocks and drops that row (e.g. a client that went away).
     """
     cfg = model.config
@@ -197,6 +198,8 @@ def generate(
         )
     if eos_id is None:
         eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else cfg.eos_token_id
+    elif eos_id < 0:
+        eos_id = None  # -1: never stop early
     if temperature < 0:
         raise DecodingError(f"temperature must be >= 0, got {temperature}")
     if threshold is not None and not 0.0 < threshold <= 1.0:
@@ -247,12 +250,11 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
 
     canvas = torch.full((N, width), mask_id, dtype=torch.long)
     cols = torch.arange(width)
-    for i, p in enumerate(prompts):
-        canvas[i, : pads[i]] = eos_id if eos_id is not None else 0
-        canvas[i, pads[i] : pads[i] + lens[i]] = p
     valid = (cols >= pads[:, None]) & (cols < ends[:, None])  # real tokens (prompt or generation)
     to_fill = (cols >= (pads + lens)[:, None]) & valid  # generation slots still masked
-    canvas[~valid & (cols >= t0)] = eos_id if eos_id is not None else 0
+    canvas[~valid] = 0  # padding columns: never attended to, any id will do
+    for i, p in enumerate(prompts):
+        canvas[i, pads[i] : pads[i] + lens[i]] = p
 
     canvas, valid, to_fill, pads, lens = canvas.to(device), valid.to(device), to_fill.to(device), pads, lens
     rows = list(range(N))  # original row index of each active row
@@ -363,6 +365,8 @@ def generate_ar(
     device = model.device
     if eos_id is None:
         eos_id = cfg.eos_token_id
+    elif eos_id < 0:
+        eos_id = None
     if max_new_tokens < 1:
         raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = _prompts_from(input_ids, attention_mask)
@@ -379,7 +383,7 @@ def generate_ar(
     P = int(lens.max())
     pads = (P - lens).to(device)
     width = P + max_new_tokens
-    canvas = torch.full((N, width), eos_id if eos_id is not None else 0, dtype=torch.long, device=device)
+    canvas = torch.zeros((N, width), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         canvas[i, int(pads[i]) : P] = p.to(device)
     cols = torch.arange(width, device=device)
