@@ -27,6 +27,7 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, help="commit every slot with confidence >= this (parallel decoding)")
     g.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
                    help="logits at i-1 predict token i (Dream style / AR head)")
+    g.add_argument("--eos-id", type=int, help="stop token id (-1: never stop early; default: the tokenizer's)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -127,6 +128,8 @@ def run_generation(model, tokenizer, prompt: str, args, show: bool) -> tuple[str
     kw = decoding_kwargs(args, defaults)
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
     eos = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
+    if getattr(args, "eos_id", None) is not None:
+        eos = args.eos_id
     total = kw.get("max_new_tokens") or kw.get("gen_length")
     view = DenoisingView(tokenizer, len(ids), total + 8) if show else None
     t0 = time.perf_counter()
@@ -137,7 +140,7 @@ def run_generation(model, tokenizer, prompt: str, args, show: bool) -> tuple[str
         res = generate(model, [ids], eos_id=eos, on_event=view, generator=gen, return_result=True, **kw)
     seconds = time.perf_counter() - t0
     out = res.generated[0].tolist()
-    if eos is not None and eos in out:
+    if eos is not None and eos >= 0 and eos in out:
         out = out[: out.index(eos)]
     stats = {"generated_tokens": res.generated_tokens, "forwards": res.forwards, "seconds": round(seconds, 3),
              "tokens_per_second": round(res.generated_tokens / seconds, 2),
