@@ -170,7 +170,7 @@ def main() -> None:
         f.write(program)
     if uid is not None:
         os.chown(os.path.join(work, "prog.py"), uid, uid)
-        isolation.append(f"unprivileged uid {uid} (own process count)")
+        isolation.append("a fresh unprivileged uid per program (process limit enforced, leftovers killed)")
 
     nproc = int(lim["nproc"])
     if uid is None:  # RLIMIT_NPROC counts all of this user's processes: allow ours plus the budget

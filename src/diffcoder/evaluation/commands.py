@@ -1,0 +1,127 @@
+"""`diffcoder eval humaneval|mbpp|likelihood` and `diffcoder compare`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from diffcoder.errors import ConfigError
+
+
+def _add_benchmark_parser(sub, name: str) -> None:
+    from diffcoder.commands import add_decoding_flags, add_model_flags
+
+    p = sub.add_parser(name, help=f"pass@k on {'HumanEval' if name == 'humaneval' else 'MBPP (sanitized)'}")
+    add_model_flags(p)
+    p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
+    p.add_argument("--prompt-style", choices=["base", "instruct"], default="base",
+                   help="base: continue the task prompt; instruct: chat template, code block extracted")
+    p.add_argument("--limit", type=int, help="only the first N tasks")
+    p.add_argument("--samples", type=int, default=1, help="samples per task (pass@k for k <= samples)")
+    p.add_argument("--ar", action="store_true",
+                   help="autoregressive decoding (causal, KV cache): the AR baseline on the same weights")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--data", help="benchmark file or folder (MBPP: sanitized-mbpp.json; default: "
+                                  "$DIFFCODER_DATA or ../shared/data next to the repository)")
+    p.add_argument("--workers", type=int, default=0, help="test processes in parallel (default: CPU cores)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per test program (wall clock)")
+    p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per test program")
+    p.add_argument("--no-progress", action="store_true")
+    add_decoding_flags(p)
+    p.set_defaults(func=run_benchmark, benchmark=name)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint: HumanEval, MBPP, held-out likelihood")
+    sub = p.add_subparsers(dest="eval_what", metavar="BENCHMARK", required=True)
+    _add_benchmark_parser(sub, "humaneval")
+    _add_benchmark_parser(sub, "mbpp")
+
+    from diffcoder.commands import add_model_flags
+
+    lk = sub.add_parser("likelihood", help="held-out diffusion NELBO and AR NLL per token")
+    add_model_flags(lk)
+    lk.add_argument("--data", required=True,
+                    help="held-out text: a .txt/.jsonl/.py file, a folder of them, or a training shard folder")
+    lk.add_argument("--seq-len", type=int, default=512, help="tokens per scored sequence")
+    lk.add_argument("--max-tokens", type=int, default=65536, help="score at most this many tokens")
+    lk.add_argument("--t-grid", type=int, default=8, help="number of noise levels t in the fixed grid")
+    lk.add_argument("--block-size", type=int, help="block size B (default: the checkpoint's)")
+    lk.add_argument("--batch-size", type=int, default=4)
+    lk.add_argument("--seed", type=int, default=0, help="seed for the masks")
+    lk.add_argument("--out", help="write the result as JSON here")
+    lk.set_defaults(func=run_likelihood)
+
+    c = subparsers.add_parser("compare", help="one table and bar chart of several eval runs")
+    c.add_argument("runs", nargs="+", help="run directories written by `diffcoder eval`")
+    c.add_argument("--plot", help="bar chart PNG (default: compare.png in the first run's parent folder)")
+    c.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    c.set_defaults(func=run_compare)
+
+
+def _decoding_settings(args: argparse.Namespace, model_path: Path) -> dict:
+    from diffcoder.checkpoint import read_generation_defaults
+    from diffcoder.commands import decoding_kwargs
+
+    if args.ar:
+        return {"max_new_tokens": args.max_new_tokens or args.gen_length or 384,
+                "temperature": args.temperature or 0.0}
+    defaults = read_generation_defaults(model_path) if model_path.is_dir() else {}
+    if args.max_new_tokens is None and args.gen_length is None and "gen_length" not in defaults:
+        args.max_new_tokens = 384
+    return decoding_kwargs(args, defaults)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from diffcoder.evaluation.harness import EvalConfig, format_summary, run_eval
+    from diffcoder.pull import resolve_model
+
+    if args.samples > 1 and not args.temperature:
+        print("note: --samples > 1 at temperature 0 repeats the same greedy answer", file=sys.stderr)
+    model_path = resolve_model(args.model)
+    cfg = EvalConfig(
+        benchmark=args.benchmark, model=str(model_path), prompt_style=args.prompt_style, limit=args.limit,
+        samples=args.samples, ar=args.ar, decoding=_decoding_settings(args, model_path),
+        batch_size=args.batch_size, data=args.data, seed=args.seed, dtype=args.dtype, device=args.device,
+        workers=args.workers, timeout_s=args.timeout, memory_mb=args.memory_mb,
+    )
+    summary = run_eval(cfg, args.out, progress=not args.no_progress)
+    print(format_summary(summary))
+    print(f"records: {Path(args.out) / 'tasks.jsonl'}  summary: {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def run_likelihood(args: argparse.Namespace) -> int:
+    from diffcoder.commands import load_model
+    from diffcoder.evaluation.likelihood import evaluate_likelihood, load_token_sequences
+
+    model, tokenizer = load_model(args)
+    seqs = load_token_sequences(args.data, tokenizer, args.seq_len, args.max_tokens)
+    result = evaluate_likelihood(model, seqs, block_size=args.block_size, t_points=args.t_grid,
+                                 batch_size=args.batch_size, seed=args.seed)
+    result["model"] = args.model or "smollm2"
+    result["data"] = args.data
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from diffcoder.evaluation.compare import compare_runs, format_table, plot_runs
+
+    rows = compare_runs(args.runs)
+    if not rows:
+        raise ConfigError("no run had a summary.json; run `diffcoder eval ...` first")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+    plot = Path(args.plot) if args.plot else Path(args.runs[0]).resolve().parent / "compare.png"
+    plot_runs(rows, plot)
+    print(f"chart: {plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,335 @@
+"""The benchmark harness: batched generation, sandboxed tests, resumable per-task records, and a summary.
+
+A run directory holds `config.json` (what was asked), `tasks.jsonl` (one record per finished sample, appended
+as soon as its test has run) and `summary.json`. Rerunning the same command skips finished samples, so an
+interrupted run loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffcoder.errors import ConfigError
+from diffcoder.evaluation.data import Task, load_tasks
+from diffcoder.evaluation.extract import has_complete_block
+from diffcoder.evaluation.metrics import ks_for, mean_pass_at_k
+from diffcoder.evaluation.sandbox import Limits, Sandbox
+
+PROMPT_STYLES = ("base", "instruct")
+# Settings that change what a record means: a rerun with other values must not resume into the same folder.
+IDENTITY_KEYS = ("benchmark", "model", "prompt_style", "samples", "ar", "decoding", "data", "seed")
+
+
+@dataclass
+class EvalConfig:
+    benchmark: str
+    model: str
+    prompt_style: str = "base"
+    limit: int | None = None
+    samples: int = 1
+    ar: bool = False
+    decoding: dict = field(default_factory=dict)  # generate() kwargs (diffusion) or max_new_tokens/temperature
+    batch_size: int = 8
+    data: str | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    workers: int = 0  # sandbox processes in parallel (0 = one per core)
+    timeout_s: float = 10.0
+    memory_mb: int = 1024
+
+    def identity(self) -> dict:
+        d = asdict(self)
+        return {k: d[k] for k in IDENTITY_KEYS}
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records of a (possibly interrupted) run. A line cut short by a kill is dropped and the file repaired."""
+    if not path.is_file():
+        return []
+    raw = path.read_text(encoding="utf-8")
+    records, clean = [], True
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            clean = False
+    if not clean or (raw and not raw.endswith("\n")):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, path)
+    return records
+
+
+def _check_run_dir(out: Path, cfg: EvalConfig) -> None:
+    cfg_file = out / "config.json"
+    if cfg_file.is_file():
+        old = json.loads(cfg_file.read_text())
+        old_identity = {k: old.get(k) for k in IDENTITY_KEYS}
+        if old_identity != cfg.identity():
+            diff = [k for k in IDENTITY_KEYS if old_identity.get(k) != cfg.identity()[k]]
+            raise ConfigError(
+                f"{out} holds a run with other settings ({', '.join(diff)} differ), so it cannot be resumed; "
+                "choose another --out, or delete that folder to start over"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+
+class _Progress:
+    """Running pass rate and generated tokens/s on a tqdm bar."""
+
+    def __init__(self, total: int, done_records: list[dict], enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="task", disable=not enabled, dynamic_ncols=True)
+        self.passed = sum(r["passed"] for r in done_records)
+        self.count = len(done_records)
+        self.tokens = 0
+        self.seconds = 0.0
+        self.lock = threading.Lock()
+
+    def generated(self, tokens: int, seconds: float) -> None:
+        with self.lock:
+            self.tokens += tokens
+            self.seconds += seconds
+
+    def finished(self, passed: bool) -> None:
+        with self.lock:
+            self.count += 1
+            self.passed += int(passed)
+            tps = self.tokens / self.seconds if self.seconds else 0.0
+            self.bar.set_postfix(pass_rate=f"{self.passed / self.count:.3f}", tok_s=f"{tps:.1f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Decoder:
+    """Batched decoding of prompts (diffusion `generate` or AR `generate_ar`), with early stop per row
+    (a stop string for base prompts, a finished code block for instruct ones) and per-row forward counts."""
+
+    def __init__(self, model, tokenizer, cfg: EvalConfig):
+        self.model, self.tok, self.cfg = model, tokenizer, cfg
+        self.forwards = 0
+
+    def _count(self, *_args) -> None:
+        self.forwards += 1
+
+    def __call__(self, prompts: list[list[int]], tasks: list[Task], generator: torch.Generator | None):
+        from diffcoder import decoding
+
+        n = len(prompts)
+        texts = [""] * n
+        stopped = [False] * n
+        done_at = [0] * n
+        start = self.forwards
+        style = self.cfg.prompt_style
+
+        def on_event(ev) -> None:
+            if ev.kind == "block":
+                piece = self.tok.decode(ev.token_ids)
+                texts[ev.row] += piece
+                task = tasks[ev.row]
+                if style == "base":
+                    tail = texts[ev.row][-(len(piece) + 24):]
+                    stopped[ev.row] = stopped[ev.row] or any(s in tail for s in task.stops)
+                elif "`" in piece:
+                    stopped[ev.row] = has_complete_block(texts[ev.row], task.entry_point)
+            elif ev.kind == "done":
+                done_at[ev.row] = self.forwards - start
+
+        kw = dict(self.cfg.decoding)
+        hook = self.model.register_forward_hook(self._count)
+        try:
+            res = self._decode(decoding, kw, prompts, on_event, stopped, generator)
+        finally:
+            hook.remove()
+        batch_forwards = self.forwards - start
+        rows = []
+        eos = self._eos()
+        for i, g in enumerate(res.generated):
+            ids = g.tolist()
+            if eos is not None and eos in ids:
+                ids = ids[: ids.index(eos) + 1]  # tokens up to and including the first EOS count as generated
+            rows.append({"ids": ids, "forwards": done_at[i] or batch_forwards})
+        return rows, batch_forwards
+
+    def _decode(self, decoding, kw, prompts, on_event, stopped, generator):
+        if self.cfg.ar:
+            return decoding.generate_ar(
+                self.model, prompts, max_new_tokens=kw.get("max_new_tokens", 384), eos_id=self._eos(),
+                temperature=kw.get("temperature", 0.0) or 0.0, on_event=on_event,
+                cancelled=lambda r: stopped[r], generator=generator, return_result=True)
+        return decoding.generate(self.model, prompts, tokenizer=self.tok, eos_id=self._eos(), on_event=on_event,
+                                 cancelled=lambda r: stopped[r], generator=generator, return_result=True, **kw)
+
+    def _eos(self) -> int | None:
+        if self.tok is not None and self.tok.eos_token_id is not None:
+            return self.tok.eos_token_id
+        return self.model.config.eos_token_id
+
+
+def encode(tokenizer, task: Task, style: str) -> list[int]:
+    from diffcoder.commands import encode_prompt
+
+    if style == "instruct" and (tokenizer is None or not tokenizer.chat_template):
+        raise ConfigError("--prompt-style instruct needs a tokenizer with a chat template; use --prompt-style base")
+    return encode_prompt(tokenizer, task.instruction if style == "instruct" else task.prompt, style == "instruct")
+
+
+def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, progress: bool = True,
+             on_record: Callable[[dict], None] | None = None) -> dict:
+    """Evaluate (resuming whatever `out_dir` already holds) and return the summary (also written there)."""
+    if cfg.prompt_style not in PROMPT_STYLES:
+        raise ConfigError(f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, got {cfg.prompt_style!r}")
+    if cfg.samples < 1 or cfg.batch_size < 1:
+        raise ConfigError("--samples and --batch-size must be at least 1")
+    out = Path(out_dir)
+    tasks = load_tasks(cfg.benchmark, cfg.data)
+    if cfg.limit is not None:
+        tasks = tasks[: cfg.limit]
+    _check_run_dir(out, cfg)
+    records_path = out / "tasks.jsonl"
+    records = read_records(records_path)
+    done = {(r["task_id"], r["sample"]) for r in records}
+    pending = [(t, j) for t in tasks for j in range(cfg.samples) if (t.task_id, j) not in done]
+
+    sandbox = Sandbox(Limits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb))
+    if pending:
+        if model is None:
+            from diffcoder import load
+            from diffcoder.pull import resolve_model
+
+            model, tokenizer = load(resolve_model(cfg.model), dtype=cfg.dtype, device=cfg.device)
+        if tokenizer is None:
+            raise ConfigError(f"{cfg.model} has no tokenizer files; the benchmarks need text prompts")
+        decoder = _Decoder(model, tokenizer, cfg)
+        prompt_ids = {t.task_id: encode(tokenizer, t, cfg.prompt_style) for t in tasks}
+        bar = _Progress(len(pending), records, progress)
+        lock = threading.Lock()
+        workers = cfg.workers or os.cpu_count() or 1
+        futures: list[Future] = []
+        attempt = f"{int(time.time())}-{os.getpid()}"
+
+        def finish(rec: dict, program: str) -> None:
+            result = sandbox.run(program)
+            rec.update(passed=result.passed, kind=result.kind, detail=result.detail, exec_seconds=result.wall_s)
+            with lock:
+                with open(records_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+                    f.flush()
+            bar.finished(result.passed)
+            if on_record is not None:
+                on_record(rec)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for b0 in range(0, len(pending), cfg.batch_size):
+                batch = pending[b0 : b0 + cfg.batch_size]
+                first = batch[0]
+                gen = torch.Generator(device=cfg.device).manual_seed(
+                    cfg.seed * 1_000_003 + zlib.crc32(f"{first[0].task_id}/{first[1]}".encode()))
+                t0 = time.perf_counter()
+                rows, batch_forwards = decoder([prompt_ids[t.task_id] for t, _ in batch], [t for t, _ in batch],
+                                               gen if cfg.decoding.get("temperature") else None)
+                seconds = time.perf_counter() - t0
+                bar.generated(sum(len(r["ids"]) for r in rows), seconds)
+                for (task, j), row in zip(batch, rows):
+                    raw = tokenizer.decode(row["ids"], skip_special_tokens=True)
+                    code = task.completion_code(raw, cfg.prompt_style)
+                    rec = {
+                        "task_id": task.task_id, "sample": j, "prompt": tokenizer.decode(prompt_ids[task.task_id]),
+                        "raw_output": raw, "code": code, "tokens": len(row["ids"]), "forwards": row["forwards"],
+                        "seconds": seconds, "batch": f"{attempt}/{b0}", "batch_size": len(batch),
+                        "batch_forwards": batch_forwards,
+                    }
+                    futures.append(pool.submit(finish, rec, task.program(code, cfg.prompt_style)))
+            for fut in futures:
+                fut.result()
+        bar.close()
+        records = read_records(records_path)
+
+    summary = summarize(records, cfg, tasks, sandbox)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarize(records: list[dict], cfg: EvalConfig, tasks: list[Task], sandbox: Sandbox | None = None) -> dict:
+    wanted = {t.task_id for t in tasks}
+    records = [r for r in records if r["task_id"] in wanted]
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        by_task[r["task_id"]].append(bool(r["passed"]))
+    complete = [(len(v), sum(v)) for v in by_task.values() if len(v) >= cfg.samples]
+    batches = {r["batch"]: (r["seconds"], r["batch_forwards"], r["batch_size"]) for r in records}
+    tokens = sum(r["tokens"] for r in records)
+    gen_seconds = sum(s for s, _, _ in batches.values())
+    row_forwards = sum(r["forwards"] for r in records)
+    mode = "ar" if cfg.ar else "diffusion"
+    summary = {
+        "benchmark": cfg.benchmark,
+        "model": cfg.model,
+        "mode": mode,
+        "prompt_style": cfg.prompt_style,
+        "tasks": len(by_task),
+        "tasks_requested": len(tasks),
+        "samples": cfg.samples,
+        "pass_at_k": {f"pass@{k}": mean_pass_at_k(complete, k) for k in ks_for(cfg.samples)},
+        "passed": sum(r["passed"] for r in records),
+        "kinds": dict(sorted(Counter(r["kind"] for r in records).items())),
+        "generated_tokens": tokens,
+        "generation_seconds": gen_seconds,
+        "tokens_per_second": tokens / gen_seconds if gen_seconds else 0.0,
+        "tokens_per_forward": tokens / row_forwards if row_forwards else 0.0,
+        "forwards": row_forwards,
+        "batch_forwards": sum(f for _, f, _ in batches.values()),
+        "batch_size": cfg.batch_size,
+        "device": _device_name(cfg.device),
+        "dtype": cfg.dtype,
+        "torch_threads": torch.get_num_threads(),
+        "decoding": {"mode": mode, **cfg.decoding},
+    }
+    if sandbox is not None:
+        summary["sandbox"] = sandbox.describe()
+    return summary
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def format_summary(s: dict) -> str:
+    rows = [("benchmark", f"{s['benchmark']} ({s['prompt_style']} prompts)"), ("model", s["model"]),
+            ("decoding", ", ".join(f"{k}={v}" for k, v in s["decoding"].items())),
+            ("tasks", f"{s['tasks']} of {s['tasks_requested']} x {s['samples']} samples")]
+    rows += [(k, f"{v:.4f}") for k, v in s["pass_at_k"].items()]
+    rows += [
+        ("outcomes", ", ".join(f"{k} {v}" for k, v in s["kinds"].items())),
+        ("generated tokens", str(s["generated_tokens"])),
+        ("tokens/s (excl. prompt)", f"{s['tokens_per_second']:.2f}"),
+        ("tokens per forward", f"{s['tokens_per_forward']:.3f}"),
+        ("forwards (per row, total)", str(s["forwards"])),
+        ("batch size", str(s["batch_size"])),
+        ("device", f"{s['device']}, {s['dtype']}, {s['torch_threads']} torch threads"),
+    ]
+    if "sandbox" in s:
+        rows.append(("sandbox", "; ".join(s["sandbox"]["isolation"]) or "process + rlimits only"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
