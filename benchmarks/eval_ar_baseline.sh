@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-benchmarks/runs}
 shift || true
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH=src
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH=${PYTHONPATH:-src}
 PY=${PYTHON:-/work/venv/bin/python}
 for bench in humaneval mbpp; do
   for style in base instruct; do

