@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import threading
 import time
 import zlib
@@ -226,9 +227,14 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, p
         workers = cfg.workers or os.cpu_count() or 1
         futures: list[Future] = []
         attempt = f"{int(time.time())}-{os.getpid()}"
+        sandbox_errors: list[str] = []
 
         def finish(rec: dict, program: str) -> None:
             result = sandbox.run(program)
+            if result.kind == "sandbox_error":  # our failure, not the program's: leave it for a rerun
+                with lock:
+                    sandbox_errors.append(result.detail)
+                return
             rec.update(passed=result.passed, kind=result.kind, detail=result.detail, exec_seconds=result.wall_s)
             with lock:
                 with open(records_path, "a", encoding="utf-8") as f:
@@ -263,6 +269,9 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, p
                 fut.result()
         bar.close()
         records = read_records(records_path)
+        if sandbox_errors:
+            print(f"warning: {len(sandbox_errors)} test runs failed inside the sandbox itself and were not recorded "
+                  f"(rerun the same command to retry them); first error: {sandbox_errors[0]}", file=sys.stderr)
 
     summary = summarize(records, cfg, tasks, sandbox)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
