@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -207,3 +209,15 @@ def test_run_many_is_parallel_and_ordered():
     elapsed = time.monotonic() - t
     assert [r.passed for r in results] == [True, False, True, False]
     assert elapsed < 4 * 0.6 + 0.5  # ran concurrently, not one after another
+
+
+def test_killing_every_process_it_can_reach_harms_nothing_outside(sandbox):
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        r = sandbox.run("import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('still here')\n")
+        assert r.kind in ("passed", "crashed", "runtime_error")
+        time.sleep(0.1)
+        assert bystander.poll() is None  # the machine's other processes are untouched
+    finally:
+        bystander.kill()
+        bystander.wait()
