@@ -50,6 +50,9 @@ def test_prompts_follow_the_customary_formats():
     assert he.program(answer, "instruct").count("def has_close_elements") == 1
     # ... and one that gives only the body continues the prompt.
     assert he.program(he.reference, "instruct") == full
+    # Base runs feed the prompt without its trailing newline; the completion brings the line break back.
+    assert he.base_prompt == he.prompt.rstrip() and not he.base_prompt.endswith("\n")
+    assert he.program("\n" + he.reference, "base") == full.replace(he.prompt, he.base_prompt + "\n", 1)
     if HAVE_MBPP:
         mb = load_tasks("mbpp")[0]
         first_test = mb.test.splitlines()[0]

@@ -35,21 +35,29 @@ class Task:
     solution_prefix: str = ""  # prepended to an instruct answer's code (HumanEval: the prompt's imports)
     reference: str = ""  # a known-good completion (HumanEval: canonical body; MBPP: reference code)
 
+    @property
+    def base_prompt(self) -> str:
+        """What a base-style run feeds the model. The prompts end in a newline; tokenized on its own it is cut
+        off from the next line's indentation (tokens like '\\n    '), a split the model rarely saw in training,
+        so the prompt goes in without trailing whitespace, as is customary, and the completion supplies it."""
+        return self.prompt.rstrip()
+
     def program(self, code: str, style: str) -> str:
         """The full program that passes iff `code` (a base completion or extracted answer code) is right."""
         if self.benchmark == "humaneval":
-            if style == "base" or not defines(code, self.entry_point):
-                # A base completion, or an answer that only gave the body: continue the prompt.
-                solution = self.prompt + code
+            if style == "base":
+                solution = self.base_prompt + code
+            elif not defines(code, self.entry_point):
+                solution = self.prompt + code  # an answer that gave only the body continues the prompt
             else:
                 solution = self.solution_prefix + code
             return f"{solution}\n\n{self.test}\n\ncheck({self.entry_point})\n"
-        prefix = self.prompt if style == "base" else ""
+        prefix = self.base_prompt if style == "base" else ""
         return f"{prefix}{code}\n\n{self.test}\n"
 
     def reference_program(self) -> str:
-        if self.benchmark == "humaneval":
-            return self.program(self.reference, "base")
+        if self.benchmark == "humaneval":  # the canonical body continues the original prompt
+            return f"{self.prompt}{self.reference}\n\n{self.test}\n\ncheck({self.entry_point})\n"
         return self.program(self.reference, "instruct")
 
     def completion_code(self, raw: str, style: str) -> str:

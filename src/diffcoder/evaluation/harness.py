@@ -191,7 +191,7 @@ def encode(tokenizer, task: Task, style: str) -> list[int]:
 
     if style == "instruct" and (tokenizer is None or not tokenizer.chat_template):
         raise ConfigError("--prompt-style instruct needs a tokenizer with a chat template; use --prompt-style base")
-    return encode_prompt(tokenizer, task.instruction if style == "instruct" else task.prompt, style == "instruct")
+    return encode_prompt(tokenizer, task.instruction if style == "instruct" else task.base_prompt, style == "instruct")
 
 
 def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, progress: bool = True,
