@@ -53,6 +53,15 @@ def test_ar_run_records_and_summary(ckpt, tmp_path):
     # Rerunning a finished run does no work (no model needed) and gives the same summary.
     again = run_eval(cfg, tmp_path / "run", progress=False)
     assert {k: again[k] for k in DETERMINISTIC} == {k: s[k] for k in DETERMINISTIC}
+    # --rescore reruns the tests from the raw outputs: same outcomes when nothing changed, and a record
+    # whose code was tampered with is re-derived from its raw output.
+    path = tmp_path / "run" / "tasks.jsonl"
+    tampered = read_records(path)
+    tampered[0].update(code="tampered", kind="passed", passed=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in tampered))
+    rescored = run_eval(cfg, tmp_path / "run", progress=False, rescore=True)
+    assert {k: rescored[k] for k in DETERMINISTIC} == {k: s[k] for k in DETERMINISTIC}
+    assert "tampered" not in path.read_text()
     # Other settings in the same folder are refused rather than mixed in.
     other = EvalConfig("humaneval", str(ckpt), limit=3, ar=False, decoding={"max_new_tokens": 8})
     with pytest.raises(ConfigError, match="other settings"):

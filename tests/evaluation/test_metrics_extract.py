@@ -133,3 +133,16 @@ def test_cut_at_stops_takes_the_earliest():
     text = "    return x\n\ndef other():\n    pass\n# comment\n"
     assert cut_at_stops(text, ["\n#", "\ndef "]) == "    return x\n"
     assert cut_at_stops("abc", ["\ndef "]) == "abc"
+
+
+def test_trim_incomplete_drops_a_half_written_trailing_function():
+    from diffcoder.evaluation.extract import trim_incomplete
+
+    cut_short = "def f(x):\n    return x + 1\n\n\ndef g(y):\n    return [y,\n"
+    assert trim_incomplete(cut_short) == "def f(x):\n    return x + 1\n"
+    assert trim_incomplete("def f(x):\n    return x\n") == "def f(x):\n    return x\n"  # whole: unchanged
+    assert trim_incomplete("def f(:\n") == "def f(:\n"  # nothing parses: left for the test run to report
+    # HumanEval base completions are bodies: parsed together with the prompt they continue.
+    prompt = "def f(x):\n    \"\"\"doc\"\"\""
+    body = "\n    return x * 2\n\nprint(f(\n"
+    assert trim_incomplete(body, prompt) == "\n    return x * 2\n"

@@ -29,6 +29,8 @@ def _add_benchmark_parser(sub, name: str) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per test program (wall clock)")
     p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per test program")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--rescore", action="store_true",
+                   help="rerun the tests of finished records from their raw outputs (after an extraction change)")
     add_decoding_flags(p)
     p.set_defaults(func=run_benchmark, benchmark=name)
 
@@ -87,7 +89,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, data=args.data, seed=args.seed, dtype=args.dtype, device=args.device,
         workers=args.workers, timeout_s=args.timeout, memory_mb=args.memory_mb,
     )
-    summary = run_eval(cfg, args.out, progress=not args.no_progress)
+    summary = run_eval(cfg, args.out, progress=not args.no_progress, rescore=args.rescore)
     print(format_summary(summary))
     print(f"records: {Path(args.out) / 'tasks.jsonl'}  summary: {Path(args.out) / 'summary.json'}")
     return 0

@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffcoder.errors import ConfigError
-from diffcoder.evaluation.extract import HUMANEVAL_STOPS, MBPP_STOPS, cut_at_stops, defines, extract_code
+from diffcoder.evaluation.extract import (
+    HUMANEVAL_STOPS,
+    MBPP_STOPS,
+    cut_at_stops,
+    defines,
+    extract_code,
+    trim_incomplete,
+)
 
 BENCHMARKS = ("humaneval", "mbpp")
 MBPP_FILE = "sanitized-mbpp.json"
@@ -63,8 +70,12 @@ class Task:
     def completion_code(self, raw: str, style: str) -> str:
         """What of the model's raw output is kept as code."""
         if style == "base":
-            return cut_at_stops(raw, self.stops)
-        return extract_code(raw, self.entry_point)
+            prefix = self.base_prompt if self.benchmark == "humaneval" else ""
+            return trim_incomplete(cut_at_stops(raw, self.stops), prefix)
+        code = extract_code(raw, self.entry_point)
+        if defines(code, self.entry_point):
+            return trim_incomplete(code, self.solution_prefix)
+        return trim_incomplete(code, self.prompt if self.benchmark == "humaneval" else "")
 
 
 def _import_lines(prompt: str) -> str:

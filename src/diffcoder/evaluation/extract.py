@@ -91,3 +91,19 @@ def has_complete_block(text: str, entry_point: str | None) -> bool:
         if closed and (defines(code, entry_point) if entry_point else "def " in code):
             return True
     return False
+
+
+def trim_incomplete(code: str, prefix: str = "") -> str:
+    """Drop a trailing top-level chunk cut short by the token budget (e.g. a second function half written),
+    which would otherwise make the whole program a syntax error. Cuts only before lines at column 0, keeps
+    the longest version for which `prefix + code` parses, and returns `code` unchanged when none does."""
+    if _parses(prefix + code):
+        return code
+    lines = code.split("\n")
+    for end in range(len(lines) - 1, 0, -1):
+        if lines[end][:1] in ("", " ", "\t"):
+            continue
+        chunk = "\n".join(lines[:end]).rstrip() + "\n"
+        if _parses(prefix + chunk):
+            return chunk
+    return code

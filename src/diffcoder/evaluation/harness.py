@@ -194,9 +194,31 @@ def encode(tokenizer, task: Task, style: str) -> list[int]:
     return encode_prompt(tokenizer, task.instruction if style == "instruct" else task.base_prompt, style == "instruct")
 
 
+def rescore_records(path: Path, tasks: list[Task], style: str, sandbox: Sandbox, workers: int) -> int:
+    """Re-derive each finished record's code from its raw output and rerun its test (no generation): for a
+    run made before a change to extraction or the sandbox. Rewrites the file atomically; returns the count."""
+    by_id = {t.task_id: t for t in tasks}
+    records = [r for r in read_records(path) if r["task_id"] in by_id]
+    codes = [by_id[r["task_id"]].completion_code(r["raw_output"], style) for r in records]
+    programs = [by_id[r["task_id"]].program(c, style) for r, c in zip(records, codes)]
+    results = sandbox.run_many(programs, workers=workers)
+    kept = []
+    for r, c, res in zip(records, codes, results):
+        if res.kind == "sandbox_error":
+            continue  # left for the next run to redo
+        r.update(code=c, passed=res.passed, kind=res.kind, detail=res.detail, exec_seconds=res.wall_s)
+        kept.append(r)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(kept)
+
+
 def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, progress: bool = True,
-             on_record: Callable[[dict], None] | None = None) -> dict:
-    """Evaluate (resuming whatever `out_dir` already holds) and return the summary (also written there)."""
+             on_record: Callable[[dict], None] | None = None, rescore: bool = False) -> dict:
+    """Evaluate (resuming whatever `out_dir` already holds) and return the summary (also written there).
+
+    rescore=True first reruns the tests of the finished records from their raw outputs."""
     if cfg.prompt_style not in PROMPT_STYLES:
         raise ConfigError(f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, got {cfg.prompt_style!r}")
     if cfg.samples < 1 or cfg.batch_size < 1:
@@ -207,11 +229,13 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, p
         tasks = tasks[: cfg.limit]
     _check_run_dir(out, cfg)
     records_path = out / "tasks.jsonl"
+    sandbox = Sandbox(Limits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb))
+    if rescore and records_path.is_file():
+        rescore_records(records_path, tasks, cfg.prompt_style, sandbox, cfg.workers or os.cpu_count() or 1)
     records = read_records(records_path)
     done = {(r["task_id"], r["sample"]) for r in records}
     pending = [(t, j) for t in tasks for j in range(cfg.samples) if (t.task_id, j) not in done]
 
-    sandbox = Sandbox(Limits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb))
     if pending:
         if model is None:
             from diffcoder import load
