@@ -63,7 +63,7 @@ def plot_runs(rows: list[dict], path: str | Path) -> Path:
         values = [r[key] for r in rows]
         bars = ax.bar(range(len(rows)), values, color=colours)
         ax.set_title(title)
-        ax.set_ylim(0, max(max(values) * 1.15, 1.0 if key == "pass@1" else 1e-9))
+        ax.set_ylim(0, max(max(values) * 1.25, 0.05 if key == "pass@1" else 1e-9))
         ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=8)
         for b, v in zip(bars, values):
             ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
