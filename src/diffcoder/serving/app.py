@@ -229,6 +229,7 @@ def create_app(engine: Engine, model_name: str, defaults: dict[str, Any] | None 
                             return Response(status_code=499)
                         continue
                     if kind == "final":
+                        payload.pop("tail")
                         finals[i] = payload
                     elif kind == "error":
                         cancel_all()
@@ -291,7 +292,8 @@ def create_app(engine: Engine, model_name: str, defaults: dict[str, Any] | None 
                         finals[i] = payload
                         if req.diffusion_events:
                             yield sse({"type": "done", "index": i, **payload}, event="diffusion")
-                        yield chunk(i, None if chat else "", finish=payload["finish_reason"])
+                        tail = payload.pop("tail")
+                        yield chunk(i, (tail or None) if chat else tail, finish=payload["finish_reason"])
                     elif kind == "error":
                         status = payload["status"]
                         yield sse(APIError(status, payload["message"], type_="server_error").body())

@@ -142,10 +142,10 @@ class Row:
         self.finalized = True
         if self.finish_reason is None:
             self.finish_reason = "cancelled" if self.cancelled else "length"
-        if len(self.text) > len(self.sent) and self.text.startswith(self.sent):
-            self.sink("delta", self.text[len(self.sent):])
-            self.sent = self.text
-        self.sink("final", {"text": self.text, "finish_reason": self.finish_reason,
+        tail = self.text[len(self.sent):] if self.text.startswith(self.sent) else ""
+        self.sent = self.text
+        # text held back (a possible stop-string prefix) rides on the final chunk
+        self.sink("final", {"text": self.text, "tail": tail, "finish_reason": self.finish_reason,
                             "completion_tokens": len(self.ids), "prompt_tokens": len(self.prompt_ids)})
 
 
