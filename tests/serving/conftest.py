@@ -30,3 +30,18 @@ def server(checkpoint):
     s = LiveServer(checkpoint, max_batch=8, max_queue=64)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def endless_checkpoint(tmp_path_factory) -> Path:
+    """A tiny checkpoint that never writes EOS (its LM-head row is zero, so the EOS logit, 0, never wins
+    against 383 random logits), so a request runs exactly as long as max_tokens says."""
+    from diffcoder.checkpoint import save_checkpoint
+    from diffcoder.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(seed=1, std=0.5, vocab_size=len(tok), mask_token_id=tok.mask_token_id,
+                       eos_token_id=tok.eos_token_id, max_position_embeddings=CONTEXT)
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] = 0.0
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "endless", tokenizer=tok)

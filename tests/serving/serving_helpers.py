@@ -93,3 +93,13 @@ def read_sse(response) -> list[tuple[str | None, str]]:
     if data:
         events.append((event, "\n".join(data)))
     return events
+
+
+def metric_value(base: str, series: str) -> float:
+    """One sample of GET /metrics, by its full series name (labels included)."""
+    import httpx
+
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.rsplit(" ", 1)[0] == series:
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(series)

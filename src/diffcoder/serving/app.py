@@ -218,16 +218,19 @@ def create_app(engine: Engine, model_name: str, defaults: dict[str, Any] | None 
 
         if not req.stream:
             finals: dict[int, dict] = {}
+            next_check = time.monotonic() + 0.25
             try:
                 while len(finals) < len(rows):
                     try:
                         i, kind, payload = await asyncio.wait_for(queue.get(), timeout=0.25)
                     except TimeoutError:
+                        kind = None
+                    if time.monotonic() >= next_check:  # deltas may arrive non-stop: check on a clock
+                        next_check = time.monotonic() + 0.25
                         if await request.is_disconnected():
                             cancel_all()
                             metrics.count_request(endpoint, 499)
                             return Response(status_code=499)
-                        continue
                     if kind == "final":
                         payload.pop("tail")
                         finals[i] = payload
