@@ -115,8 +115,13 @@ def create_app(engine: Engine, model_name: str, defaults: dict[str, Any] | None 
     async def config() -> dict[str, Any]:
         """Decoding defaults, for the playground's settings form."""
         d = dict(defaults)
-        d.setdefault("block_length", cfg.block_size)
+        probe = CompletionRequest(model=model_name, prompt="x")
+        settings, max_tokens = resolve_settings(probe, defaults, 1, context, cfg.block_size)
+        d.update(block_length=settings.block_length, steps_per_block=settings.steps_per_block,
+                 max_tokens=max_tokens, remasking=settings.remasking, temperature=settings.temperature,
+                 threshold=settings.threshold)
         return {"model": model_name, "max_model_len": context, "defaults": d,
+                "chat": bool(getattr(tokenizer, "chat_template", None)),
                 "mask_token": tokenizer.convert_ids_to_tokens(engine.mask_id if engine.mask_id is not None
                                                               else cfg.mask_token_id)}
 
