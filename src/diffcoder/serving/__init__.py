@@ -8,7 +8,8 @@ __all__ = ["create_app", "DecodeSettings", "Engine", "Metrics", "Row", "build_ap
 
 
 def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: str | None = None,
-              served_name: str | None = None, mask_id: int | None = None, overrides: dict | None = None):
+              served_name: str | None = None, mask_id: int | None = None, overrides: dict | None = None,
+              batch_wait: float = 0.02):
     """Load a checkpoint and return (app, engine) ready for uvicorn."""
     from pathlib import Path
 
@@ -24,6 +25,7 @@ def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: s
                           f"`diffcoder convert` on it first, or pass --mask-id with an unused token id")
     defaults = dict(getattr(model, "generation_defaults", {}) or {})
     defaults.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, mask_id=mask_id)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, mask_id=mask_id,
+                    batch_wait=batch_wait)
     name = served_name or Path(model_path).name.removesuffix(".gguf")
     return create_app(engine, name, defaults), engine

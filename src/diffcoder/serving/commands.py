@@ -11,13 +11,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve a checkpoint: GET /v1/models, POST /v1/completions, POST /v1/chat/completions "
                     "(streaming as server-sent events), GET /health, GET /metrics, and the playground at GET /.")
     p.add_argument("--model", default=None,
-                   help="checkpoint directory or .gguf file (default: the embedded default model)")
+                   help="checkpoint directory, .gguf file or built-in name (default: the embedded default, smollm2)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8,
                    help="most rows decoded together (1 disables batching)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="most rows waiting for a batch; beyond it requests get 429 with Retry-After")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="an idle decoder waits this long for more requests before starting a batch (default 20)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float64")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     p.add_argument("--mask-id", type=int, default=None,
@@ -37,18 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from diffcoder.pull import resolve_model
     from diffcoder.serving import build_app
 
-    model = args.model
-    if model is None:
-        from diffcoder.pull import ensure_default_model  # type: ignore[import-not-found]
-
-        model = str(ensure_default_model())
+    model = str(resolve_model(args.model))
     overrides = {"max_tokens": args.max_tokens, "block_length": args.block_length,
                  "steps_per_block": args.steps_per_block, "threshold": args.threshold,
                  "remasking": args.remasking, "temperature": args.temperature}
     app, engine = build_app(model, max_batch=args.max_batch, max_queue=args.max_queue, dtype=args.dtype,
-                            served_name=args.served_model_name, mask_id=args.mask_id, overrides=overrides)
+                            served_name=args.served_model_name, mask_id=args.mask_id, overrides=overrides,
+                            batch_wait=args.batch_wait_ms / 1000)
     print(f"diffcoder: serving {model} at http://{args.host}:{args.port}/ (playground at /, API under /v1; "
           f"max batch {engine.max_batch}, max queue {engine.max_queue})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -153,7 +153,7 @@ class Engine:
     """Owns the model; one worker thread decodes batches of rows taken from a bounded queue."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 metrics: Metrics | None = None, mask_id: int | None = None) -> None:
+                 metrics: Metrics | None = None, mask_id: int | None = None, batch_wait: float = 0.02) -> None:
         if max_batch < 1 or max_queue < 1:
             raise DiffcoderError("--max-batch and --max-queue must be >= 1")
         self.model = model
@@ -162,6 +162,9 @@ class Engine:
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self.mask_id = mask_id
+        # An idle worker waits this long (seconds) for more rows before starting a batch: requests sent together
+        # arrive a few ms apart, and a batch cannot take new rows once it has started.
+        self.batch_wait = batch_wait
         self.eos_id = getattr(tokenizer, "eos_token_id", None) or model.config.eos_token_id
         self._pending: deque[Row] = deque()
         self._cond = threading.Condition()
@@ -226,6 +229,10 @@ class Engine:
                 if self._pending:
                     break
                 self._cond.wait(timeout=0.5)
+                if self._pending and self.batch_wait > 0:  # woke from idle: let simultaneous requests gather
+                    deadline = time.monotonic() + self.batch_wait
+                    while len(self._pending) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                        self._cond.wait(timeout=left)
             key = self._pending[0].settings
             batch = [r for r in self._pending if r.settings == key][: self.max_batch]
             taken = set(map(id, batch))
