@@ -90,6 +90,11 @@ def test_playground_highlighter_and_errors(page, server):
     text = page.evaluate("(h) => { const d = document.createElement('div'); d.innerHTML = h; return d.textContent; }",
                          html)
     assert text == code  # highlighting never changes the text
+    answer = "Here's how:\n```python\n" + code + "```\nIt's short."
+    html = page.evaluate("(c) => highlightAnswer(c)", answer)
+    assert '<span class="kw">def</span>' in html and "Here's how" in html  # prose stays plain
+    assert page.evaluate("(h) => { const d = document.createElement('div'); d.innerHTML = h; return d.textContent; }",
+                         html) == answer
     # an invalid setting shows the server's error message
     page.fill("#max_tokens", "100000")
     page.click("#generate")
