@@ -12,7 +12,8 @@ FAMILIES = {"diffcoder_requests_total": "counter", "diffcoder_queue_depth": "gau
             "diffcoder_batch_size": "histogram", "diffcoder_generated_tokens_total": "counter",
             "diffcoder_tokens_per_forward": "gauge", "diffcoder_request_latency_seconds": "histogram",
             "diffcoder_forwards_total": "counter", "diffcoder_active_rows": "gauge",
-            "diffcoder_rejected_total": "counter", "diffcoder_cancelled_rows_total": "counter"}
+            "diffcoder_rejected_total": "counter", "diffcoder_cancelled_rows_total": "counter",
+            "diffcoder_denoising_steps_total": "counter"}
 
 
 def scrape(server) -> dict[str, float]:
@@ -53,6 +54,8 @@ def test_metrics_count_what_was_served(server):
     assert after["diffcoder_batch_size_count"] - before["diffcoder_batch_size_count"] == 1
     fwd = after["diffcoder_forwards_total"] - before["diffcoder_forwards_total"]
     assert 0 < fwd <= 4 * 4  # 12 tokens = 3 blocks (4 if the prompt tail opens one) of 4 steps
+    # three identical rows in lock step: every forward is one denoising step of each row
+    assert after["diffcoder_denoising_steps_total"] - before["diffcoder_denoising_steps_total"] == 3 * fwd
     assert after["diffcoder_queue_depth"] == 0 and after["diffcoder_active_rows"] == 0
     assert after["diffcoder_tokens_per_forward"] == after["diffcoder_generated_tokens_total"] / after[
         "diffcoder_forwards_total"]

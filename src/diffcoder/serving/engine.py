@@ -279,7 +279,7 @@ class Engine:
                 tokenizer=self.tokenizer, on_event=on_event, cancelled=cancelled, generator=gen,
                 return_result=True,
             )
-            self.metrics.observe_batch(len(batch), result.forwards, sum(len(r.ids) for r in batch))
+            self.metrics.observe_batch(len(batch), result.forwards, sum(len(r.ids) for r in batch), result.steps)
         except Exception as exc:  # a failing batch answers its own rows and leaves the server running
             status = 400 if isinstance(exc, DiffcoderError) else 500
             for r in batch:

@@ -47,6 +47,7 @@ class Metrics:
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.forwards = 0
+        self.row_steps = 0  # denoising steps summed over rows (a row's step may share a forward with others)
         self.batches = 0
         self.queue_depth = 0
         self.active_rows = 0
@@ -61,11 +62,12 @@ class Metrics:
         with self.lock:
             self.latency.observe(seconds)
 
-    def observe_batch(self, rows: int, forwards: int, generated: int) -> None:
+    def observe_batch(self, rows: int, forwards: int, generated: int, row_steps: int = 0) -> None:
         with self.lock:
             self.batches += 1
             self.batch_size.observe(rows)
             self.forwards += forwards
+            self.row_steps += row_steps
             self.generated_tokens += generated
 
     def add(self, field: str, amount: int = 1) -> None:
@@ -104,6 +106,8 @@ class Metrics:
                    [f"diffcoder_generated_tokens_total {self.generated_tokens}"])
             metric("diffcoder_forwards_total", "counter", "Model forwards (NFE) over all batches.",
                    [f"diffcoder_forwards_total {self.forwards}"])
+            metric("diffcoder_denoising_steps_total", "counter", "Denoising steps summed over rows.",
+                   [f"diffcoder_denoising_steps_total {self.row_steps}"])
             tpf = self.generated_tokens / self.forwards if self.forwards else 0.0
             metric("diffcoder_tokens_per_forward", "gauge",
                    "Generated tokens per model forward since start (all rows of a batch share a forward).",
