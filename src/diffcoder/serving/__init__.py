@@ -9,14 +9,14 @@ __all__ = ["create_app", "DecodeSettings", "Engine", "Metrics", "Row", "build_ap
 
 def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: str | None = None,
               served_name: str | None = None, mask_id: int | None = None, overrides: dict | None = None,
-              batch_wait: float = 0.02):
+              batch_wait: float = 0.02, device: str = "cpu"):
     """Load a checkpoint and return (app, engine) ready for uvicorn."""
     from pathlib import Path
 
     import diffcoder
     from diffcoder.errors import ConfigError
 
-    model, tokenizer = diffcoder.load(model_path, dtype=dtype)
+    model, tokenizer = diffcoder.load(model_path, dtype=dtype, device=device)
     if tokenizer is None:
         raise ConfigError(f"{model_path} has no tokenizer files; the server needs one to read prompts "
                           f"(save the checkpoint with its tokenizer)")

@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=20.0,
                    help="an idle decoder waits this long for more requests before starting a batch (default 20)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float64")
+    p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1, ...)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     p.add_argument("--mask-id", type=int, default=None,
                    help="mask token id for a checkpoint without one (an unused id; for experiments only)")
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                  "remasking": args.remasking, "temperature": args.temperature}
     app, engine = build_app(model, max_batch=args.max_batch, max_queue=args.max_queue, dtype=args.dtype,
                             served_name=args.served_model_name, mask_id=args.mask_id, overrides=overrides,
-                            batch_wait=args.batch_wait_ms / 1000)
+                            batch_wait=args.batch_wait_ms / 1000, device=args.device)
     print(f"diffcoder: serving {model} at http://{args.host}:{args.port}/ (playground at /, API under /v1; "
           f"max batch {engine.max_batch}, max queue {engine.max_queue})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
