@@ -86,6 +86,8 @@ def test_full_queue_answers_429(endless_server):
         # closing the long stream frees the worker; the queued requests are then served
         results = [f.result(timeout=60) for f in waiting]
     assert [r.status_code for r in results] == [200, 200]
+    # the long row was dropped early: far fewer than its 4000 forwards (4 steps x 1000 blocks) ran
+    assert metric_value(s.base, "diffcoder_forwards_total") < 2000
     assert metric_value(s.base, "diffcoder_rejected_total") == 1
     assert httpx.post(s.base + "/v1/completions", json=short_body, timeout=30).status_code == 200
 
@@ -111,7 +113,9 @@ def test_disconnect_mid_stream_frees_its_row(endless_checkpoint):
         assert want["finish_reason"] == "length"  # precondition: this model never stops early
         assert text == want["text"]  # the other row is untouched by the drop
         wait_until(lambda: metric_value(s.base, "diffcoder_active_rows") == 0, what="the batch to finish")
-        # the dropped row stopped early: fewer tokens than two full answers were generated
+        # the dropped row stopped early: well under the 2 x 800 denoising steps of two full rows
+        # (4 steps per 4-slot block commit one slot each)
+        assert metric_value(s.base, "diffcoder_denoising_steps_total") < 1200
         assert metric_value(s.base, "diffcoder_generated_tokens_total") < 2 * 800
     finally:
         s.close()
@@ -126,5 +130,6 @@ def test_disconnect_while_waiting_non_streaming(endless_checkpoint):
         wait_until(lambda: metric_value(s.base, "diffcoder_cancelled_rows_total") == 1, what="row dropped")
         wait_until(lambda: metric_value(s.base, "diffcoder_active_rows") == 0, what="worker free")
         assert metric_value(s.base, "diffcoder_generated_tokens_total") < 4000
+        assert metric_value(s.base, "diffcoder_forwards_total") < 2000  # of 4000 for the whole canvas
     finally:
         s.close()

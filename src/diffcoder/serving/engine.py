@@ -72,6 +72,7 @@ class Row:
         self.cancelled = False  # set by the client side when the client goes away
         self.finalized = False
         self.commit_steps = 0
+        self.decoded = 0  # canvas slots the decoder has finished for this row (all blocks so far)
 
     # -- text ------------------------------------------------------------------------------------------
     def decode(self, ids: list[int]) -> str:
@@ -95,6 +96,7 @@ class Row:
         return self.finish_reason is not None or self.cancelled
 
     def on_block(self, token_ids: list[int]) -> None:
+        self.decoded += len(token_ids)
         if self.done:
             return
         before = len(self.ids)
@@ -262,8 +264,8 @@ class Engine:
             elif ev.kind == "commit":
                 row.on_commit(ev)
             elif ev.kind == "done":
-                if row.cancelled and row.finish_reason is None:
-                    self.metrics.add("cancelled_rows")
+                if row.cancelled and row.finish_reason is None and row.decoded < s.gen_length:
+                    self.metrics.add("cancelled_rows")  # dropped before its canvas was complete
                 row.finalize()
                 self.metrics.set("active_rows", sum(not r.finalized for r in batch))
 
