@@ -256,11 +256,11 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
     for i, p in enumerate(prompts):
         canvas[i, pads[i] : pads[i] + lens[i]] = p
 
-    canvas, valid, to_fill, pads, lens = canvas.to(device), valid.to(device), to_fill.to(device), pads, lens
+    canvas, valid, to_fill = canvas.to(device), valid.to(device), to_fill.to(device)
     rows = list(range(N))  # original row index of each active row
     cache = model.new_cache(N, width)
     committed = 0  # canvas columns [0, committed) have clean keys in the cache
-    prev_logits = None  # logits at column (block start - 1), for shift=True
+    prev_hidden = None  # final hidden state at column (block start - 1): predicts the first slot when shift=True
     finished: dict[int, torch.Tensor] = {}
     forwards = steps_taken = 0
     positions = (cols.to(device)[None] - pads.to(device)[:, None]).clamp(min=0)
@@ -280,18 +280,22 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
             k_cols = torch.arange(0, e, device=device)
             attn = (k_cols[None, :] // B <= q_cols[:, None] // B)[None] & valid[:, None, :e]
             attn = (attn | (q_cols[:, None] == k_cols[None, :])[None])[:, None]  # pad queries see themselves
-            logits = model(canvas[:, start:e], positions[:, start:e], attn, cache, start)
+            hidden = model.hidden_states(canvas[:, start:e], positions[:, start:e], attn, cache, start)
             forwards += 1
             if start < s:
                 committed = s
-                prev_logits = logits[:, s - start - 1]
-            block_logits = logits[:, s - start :]
-            if shift:  # logits at column i-1 predict column i; the block's first slot uses the previous block
+                prev_hidden = hidden[:, s - start - 1]
+            block_hidden = hidden[:, s - start :]
+            if shift:  # position i-1 predicts column i; the block's first slot uses the previous block
                 # (with no column before the block, its first slot is a prompt token: the stand-in is unused)
-                before = prev_logits if prev_logits is not None else torch.zeros_like(block_logits[:, 0])
-                block_logits = torch.cat([before[:, None], block_logits[:, :-1]], dim=1)
-            x0, conf = propose(block_logits, mask_id, temperature, remasking, generator)
+                before = prev_hidden if prev_hidden is not None else torch.zeros_like(block_hidden[:, 0])
+                block_hidden = torch.cat([before[:, None], block_hidden[:, :-1]], dim=1)
             masked = to_fill[:, s:e]
+            # The LM head and softmax run only where a prediction is needed: the still-masked slots.
+            x0_m, conf_m = propose(model.lm_head(block_hidden[masked]), mask_id, temperature, remasking, generator)
+            x0 = torch.zeros(masked.shape, dtype=torch.long, device=device).masked_scatter(masked, x0_m)
+            conf = torch.full(masked.shape, -math.inf, dtype=torch.float64, device=device).masked_scatter(
+                masked, conf_m)
             commit = choose_commits(conf, masked, k, threshold)
             canvas[:, s:e] = torch.where(commit, x0, canvas[:, s:e])
             to_fill[:, s:e] &= ~commit
@@ -334,8 +338,8 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
             canvas, valid, to_fill, positions = canvas[idx], valid[idx], to_fill[idx], positions[idx]
             cache.keep_rows(idx)
             pads, lens, ends = pads[idx.cpu()], lens[idx.cpu()], ends[idx.cpu()]
-            if prev_logits is not None:
-                prev_logits = prev_logits[idx]
+            if prev_hidden is not None:
+                prev_hidden = prev_hidden[idx]
             rows = [rows[r] for r in keep]
     return GenerationResult(
         sequences=[finished[i] for i in range(N)],
@@ -396,7 +400,7 @@ def generate_ar(
     q = torch.arange(P, device=device)
     attn = (q[None, :] <= q[:, None])[None] & valid[:, None, :P]
     attn = (attn | torch.eye(P, dtype=torch.bool, device=device)[None])[:, None]
-    logits = model(canvas[:, :P], positions[:, :P], attn, cache, 0)[:, -1]
+    logits = model.lm_head(model.hidden_states(canvas[:, :P], positions[:, :P], attn, cache, 0)[:, -1])
     forwards = 1
     for t in range(max_new_tokens):
         col = P + t
