@@ -84,7 +84,8 @@ def choose_commits(
 class DecodeEvent:
     """kind: 'commit' (slots committed in a step), 'block' (a block is final), 'done' (the row is finished).
 
-    positions are absolute positions in the row's sequence (prompt starts at 0)."""
+    positions are absolute positions in the row's sequence (prompt starts at 0); forwards is the number of model
+    forwards the batch has run so far (on a 'done' event: what that row cost)."""
 
     kind: str
     row: int
@@ -92,6 +93,7 @@ class DecodeEvent:
     step: int
     positions: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    forwards: int = 0
 
 
 @dataclass
@@ -304,7 +306,7 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
                 for r in torch.nonzero(commit.any(-1)).flatten().tolist():
                     c = torch.nonzero(commit[r]).flatten()
                     on_event(DecodeEvent("commit", rows[r], b, step, (c + s - int(pads[r])).tolist(),
-                                         x0[r, c].tolist()))
+                                         x0[r, c].tolist(), forwards))
             step += 1
 
         # The block is clean: EOS stop, emit, and drop finished rows.
@@ -322,13 +324,13 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
             if on_event is not None and gen_start < blk_end:
                 pad = int(pads[r])
                 on_event(DecodeEvent("block", rows[r], b, step, list(range(gen_start - pad, blk_end - pad)),
-                                     canvas[r, gen_start:blk_end].tolist()))
+                                     canvas[r, gen_start:blk_end].tolist(), forwards))
             if not done and cancelled is not None and cancelled(rows[r]):
                 done = True
             if done:
                 finished[rows[r]] = canvas[r, int(pads[r]) : blk_end].cpu()
                 if on_event is not None:
-                    on_event(DecodeEvent("done", rows[r], b, step))
+                    on_event(DecodeEvent("done", rows[r], b, step, forwards=forwards))
             else:
                 keep.append(r)
         if not keep:
@@ -409,15 +411,15 @@ def generate_ar(
         keep = []
         for r in range(len(rows)):
             if on_event is not None:
-                on_event(DecodeEvent("commit", rows[r], t, t, [col - int(pads[r])], [int(tok[r])]))
-                on_event(DecodeEvent("block", rows[r], t, t, [col - int(pads[r])], [int(tok[r])]))
+                on_event(DecodeEvent("commit", rows[r], t, t, [col - int(pads[r])], [int(tok[r])], forwards))
+                on_event(DecodeEvent("block", rows[r], t, t, [col - int(pads[r])], [int(tok[r])], forwards))
             done = (eos_id is not None and int(tok[r]) == eos_id) or col + 1 == width
             if not done and cancelled is not None and cancelled(rows[r]):
                 done = True
             if done:
                 finished[rows[r]] = canvas[r, int(pads[r]) : col + 1].cpu()
                 if on_event is not None:
-                    on_event(DecodeEvent("done", rows[r], t, t))
+                    on_event(DecodeEvent("done", rows[r], t, t, forwards=forwards))
             else:
                 keep.append(r)
         if not keep:
