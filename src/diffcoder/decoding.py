@@ -160,6 +160,32 @@ def validate(prompt_len: int, gen_length: int, steps: int, block: int, max_posit
 # The driver: batched, cached
 
 
+class _ActiveRows:
+    """The rows still decoding: their original indices, and the finished sequences of the others."""
+
+    def __init__(self, n: int, on_event, cancelled):
+        self.rows = list(range(n))
+        self.finished: dict[int, torch.Tensor] = {}
+        self.on_event, self.cancelled = on_event, cancelled
+
+    def settle(self, r: int, done: bool, sequence: torch.Tensor, block: int, step: int, forwards: int) -> bool:
+        """Finish row r if it is done (or its caller went away); return whether it stays in the batch."""
+        if not done and self.cancelled is not None and self.cancelled(self.rows[r]):
+            done = True
+        if done:
+            self.finished[self.rows[r]] = sequence.cpu()
+            if self.on_event is not None:
+                self.on_event(DecodeEvent("done", self.rows[r], block, step, forwards=forwards))
+        return not done
+
+    def shrink(self, keep: list[int], cache, *tensors):
+        """Drop finished rows from the cache and from every per-row tensor given (None passes through)."""
+        idx = torch.tensor(keep)
+        cache.keep_rows(idx.to(cache.k[0].device))
+        self.rows = [self.rows[r] for r in keep]
+        return tuple(None if t is None else t[idx.to(t.device)] for t in tensors)
+
+
 @torch.no_grad()
 def generate(
     model: DiffusionLM,
@@ -259,11 +285,11 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
         canvas[i, pads[i] : pads[i] + lens[i]] = p
 
     canvas, valid, to_fill = canvas.to(device), valid.to(device), to_fill.to(device)
-    rows = list(range(N))  # original row index of each active row
+    active = _ActiveRows(N, on_event, cancelled)
+    rows = active.rows
     cache = model.new_cache(N, width)
     committed = 0  # canvas columns [0, committed) have clean keys in the cache
     prev_hidden = None  # final hidden state at column (block start - 1): predicts the first slot when shift=True
-    finished: dict[int, torch.Tensor] = {}
     forwards = steps_taken = 0
     positions = (cols.to(device)[None] - pads.to(device)[:, None]).clamp(min=0)
 
@@ -325,26 +351,16 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
                 pad = int(pads[r])
                 on_event(DecodeEvent("block", rows[r], b, step, list(range(gen_start - pad, blk_end - pad)),
                                      canvas[r, gen_start:blk_end].tolist(), forwards))
-            if not done and cancelled is not None and cancelled(rows[r]):
-                done = True
-            if done:
-                finished[rows[r]] = canvas[r, int(pads[r]) : blk_end].cpu()
-                if on_event is not None:
-                    on_event(DecodeEvent("done", rows[r], b, step, forwards=forwards))
-            else:
+            if active.settle(r, done, canvas[r, int(pads[r]) : blk_end], b, step, forwards):
                 keep.append(r)
         if not keep:
             break
         if len(keep) < len(rows):
-            idx = torch.tensor(keep, device=device)
-            canvas, valid, to_fill, positions = canvas[idx], valid[idx], to_fill[idx], positions[idx]
-            cache.keep_rows(idx)
-            pads, lens, ends = pads[idx.cpu()], lens[idx.cpu()], ends[idx.cpu()]
-            if prev_hidden is not None:
-                prev_hidden = prev_hidden[idx]
-            rows = [rows[r] for r in keep]
+            canvas, valid, to_fill, positions, pads, lens, ends, prev_hidden = active.shrink(
+                keep, cache, canvas, valid, to_fill, positions, pads, lens, ends, prev_hidden)
+            rows = active.rows
     return GenerationResult(
-        sequences=[finished[i] for i in range(N)],
+        sequences=[active.finished[i] for i in range(N)],
         prompt_lengths=[len(p) for p in prompts],
         forwards=forwards,
         steps=steps_taken,
@@ -397,8 +413,8 @@ def generate_ar(
     positions = (cols[None] - pads[:, None]).clamp(min=0)
     padded = bool((pads > 0).any())
     cache = model.new_cache(N, width)
-    rows = list(range(N))
-    finished: dict[int, torch.Tensor] = {}
+    active = _ActiveRows(N, on_event, cancelled)
+    rows = active.rows
     q = torch.arange(P, device=device)
     attn = (q[None, :] <= q[:, None])[None] & valid[:, None, :P]
     attn = (attn | torch.eye(P, dtype=torch.bool, device=device)[None])[:, None]
@@ -414,28 +430,20 @@ def generate_ar(
                 on_event(DecodeEvent("commit", rows[r], t, t, [col - int(pads[r])], [int(tok[r])], forwards))
                 on_event(DecodeEvent("block", rows[r], t, t, [col - int(pads[r])], [int(tok[r])], forwards))
             done = (eos_id is not None and int(tok[r]) == eos_id) or col + 1 == width
-            if not done and cancelled is not None and cancelled(rows[r]):
-                done = True
-            if done:
-                finished[rows[r]] = canvas[r, int(pads[r]) : col + 1].cpu()
-                if on_event is not None:
-                    on_event(DecodeEvent("done", rows[r], t, t, forwards=forwards))
-            else:
+            if active.settle(r, done, canvas[r, int(pads[r]) : col + 1], t, t, forwards):
                 keep.append(r)
         if not keep:
             break
         if len(keep) < len(rows):
-            idx = torch.tensor(keep, device=device)
-            canvas, valid, positions, pads = canvas[idx], valid[idx], positions[idx], pads[idx]
-            cache.keep_rows(idx)
-            rows = [rows[r] for r in keep]
+            canvas, valid, positions, pads = active.shrink(keep, cache, canvas, valid, positions, pads)
+            rows = active.rows
         # One query per row; with no left padding every cached key is valid and no mask is needed.
         attn = valid[:, None, None, : col + 1] if padded else None
         logits = model(canvas[:, col : col + 1], positions[:, col : col + 1], attn, cache, col)[:, -1]
         forwards += 1
     result = GenerationResult(
-        sequences=[finished[i] for i in range(N)], prompt_lengths=[len(p) for p in prompts],
-        forwards=forwards, steps=sum(len(finished[i]) - len(p) for i, p in enumerate(prompts)),
+        sequences=[active.finished[i] for i in range(N)], prompt_lengths=[len(p) for p in prompts],
+        forwards=forwards, steps=sum(len(active.finished[i]) - len(p) for i, p in enumerate(prompts)),
     )
     if return_result:
         return result
