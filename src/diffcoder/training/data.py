@@ -422,8 +422,7 @@ def build_sft(
                 p = Path(s)
                 if not p.is_file():
                     raise DiffcoderError(f"SFT source {s} is not a file; give chat JSONL files (or --mine)")
-                for doc in _iter_jsonl_records(p):
-                    yield doc
+                yield from _iter_jsonl_records(p)
         samples = chat_records()
     counts = Counter()
     seen: set[str] = set()
