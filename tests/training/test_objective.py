@@ -172,3 +172,21 @@ def test_loss_is_weighted_per_token_nelbo():
     got = diffusion_loss(logits, x0, noise, elig, B).item()
     assert got == pytest.approx(total / (2 * L), rel=1e-6)  # weights are float32
     assert math.isfinite(got)
+
+
+def test_flex_block_mask_forward_equals_sdpa():
+    """The model's flex_attention branch (used on CUDA) gives the SDPA dense-mask logits (eager flex on CPU)."""
+    import warnings
+
+    from diffcoder.training.objective import flex_training_mask
+
+    model = tiny_model(seed=4, std=0.3)
+    B, L = 4, 32
+    x0 = torch.randint(4, 300, (2, L))
+    noise = sample_block_noise(torch.ones(2, L, dtype=torch.bool), B, generator=torch.Generator().manual_seed(0))
+    dense = forward_diffusion(model, x0, noise, B, mask_token_id=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            flex = forward_diffusion(model, x0, noise, B, mask_token_id=3, attn_mask=flex_training_mask(L, B, "cpu"))
+    assert torch.allclose(dense, flex, atol=1e-4)
