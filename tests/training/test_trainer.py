@@ -1,0 +1,165 @@
+"""The trainer end to end on a tiny model: invariances, exact resume after a SIGKILL mid-checkpoint, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import base_overrides
+
+from diffcoder.errors import CheckpointError, ConfigError, DiffcoderError
+from diffcoder.training.config import load_config
+from diffcoder.training.trainer import Trainer, train
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def losses(run: Path) -> list[float]:
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r["kind"] == "train"]
+
+
+def test_accumulation_invariance(tiny_setup, tmp_path):
+    """1 micro-batch of 4 == 4 micro-batches of 1 (same rows, same masks, per-token normalisation)."""
+    runs = {}
+    for name, mb, acc in (("1x4", 4, 1), ("4x1", 1, 4)):
+        cfg = load_config(None, base_overrides(tiny_setup, tmp_path / name, **{
+            "train.micro_batch_size": mb, "train.grad_accum": acc, "model.dtype": "float64", "train.steps": 5}))
+        train(cfg, quiet=True)
+        runs[name] = losses(tmp_path / name)
+    assert len(runs["1x4"]) == 5
+    assert runs["1x4"] == pytest.approx(runs["4x1"], rel=1e-10)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "1x4" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "4x1" / "final" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12) for k in a)
+
+
+def test_training_reduces_loss_and_writes_hf_checkpoint(tiny_setup, tmp_path):
+    cfg = load_config(None, base_overrides(tiny_setup, tmp_path / "run", **{"train.steps": 30,
+                                                                            "objective.warmup_steps": 0}))
+    res = train(cfg, quiet=True)
+    ls = losses(tmp_path / "run")
+    assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5
+    assert res["eval"]["eval_nelbo"] > 0 and res["eval"]["eval_ar_nll"] > 0
+    import diffcoder
+
+    model, tok = diffcoder.load(tmp_path / "run" / "final")
+    assert model.config.mask_token_id == 3 and tok is not None
+    cfgj = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert cfgj["architectures"] == ["LlamaForCausalLM"] and cfgj["block_size"] == 4
+
+
+def run_cli(args: list[str], env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", **(env_extra or {}))
+    p = subprocess.run([sys.executable, "-m", "diffcoder.cli", *args], env=env, capture_output=True, text=True,
+                       timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stderr[-3000:]}")
+    return p
+
+
+def test_kill_during_checkpoint_write_then_resume_matches(tiny_setup, tmp_path):
+    ov = lambda out: base_overrides(tiny_setup, out, **{"train.steps": 12, "train.save_every": 4,  # noqa: E731
+                                                         "train.eval_every": 4, "train.keep_checkpoints": 5})
+    run_cli(["train", *_cfg(tmp_path), *ov(tmp_path / "ref"), "--quiet"])
+    # SIGKILL in the middle of writing the second checkpoint (step 8): files written, not yet published
+    p = run_cli(["train", *_cfg(tmp_path), *ov(tmp_path / "cut"), "--quiet"],
+                {"DIFFCODER_KILL_AT": "save-before-rename:2"}, check=False)
+    assert p.returncode == -9
+    ck = tmp_path / "cut" / "checkpoints"
+    assert (ck / "step_0000004" / "trainer_state.pt").is_file()
+    assert not (ck / "step_0000008").exists() and (ck / ".step_0000008.partial").exists()
+    assert (ck / "latest").read_text().strip() == "step_0000004"
+    # the killed run logged steps 4..7 after its last checkpoint; resume redoes them identically
+    run_cli(["train", *_cfg(tmp_path), *ov(tmp_path / "cut"), "--resume", "--quiet"])
+    assert not (ck / ".step_0000008.partial").exists()
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ref")  # bit-identical curve
+    ev = lambda r: [x for x in map(json.loads, (r / "log.jsonl").read_text().splitlines())  # noqa: E731
+                    if x["kind"] == "eval"]
+    assert ev(tmp_path / "cut") == ev(tmp_path / "ref")
+    # a kill right after publishing (before the pointer moves) is also safe
+    p = run_cli(["train", *_cfg(tmp_path), *ov(tmp_path / "cut2"), "--quiet"],
+                {"DIFFCODER_KILL_AT": "save-after-rename:1"}, check=False)
+    assert p.returncode == -9
+    run_cli(["train", *_cfg(tmp_path), *ov(tmp_path / "cut2"), "--resume", "--quiet"])
+    assert losses(tmp_path / "cut2") == losses(tmp_path / "ref")
+
+
+def _cfg(tmp_path: Path) -> list[str]:
+    """An (empty-ish) YAML recipe file: everything comes from overrides."""
+    f = tmp_path / "recipe.yaml"
+    f.write_text("train:\n  log_every: 1\n")
+    return [str(f)]
+
+
+def test_plot_cli(tiny_setup, tmp_path):
+    cfg = load_config(None, base_overrides(tiny_setup, tmp_path / "run", **{"train.steps": 4}))
+    train(cfg, quiet=True)
+    run_cli(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_config_errors(tiny_setup, tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
+        load_config(None, ["optim.lrr=1e-4"])
+    with pytest.raises(ConfigError, match="did you mean 'objective'"):
+        load_config(None, ["objectve.u_init=0.1"])
+    with pytest.raises(ConfigError, match="u_init must be in"):
+        load_config(None, base_overrides(tiny_setup, tmp_path / "a", **{"objective.u_init": 0}))
+    with pytest.raises(ConfigError, match="u_init must be in"):
+        load_config(None, base_overrides(tiny_setup, tmp_path / "a", **{"objective.u_init": 1.5}))
+    with pytest.raises(ConfigError, match="does not divide data.seq_len"):
+        load_config(None, base_overrides(tiny_setup, tmp_path / "a", **{"model.block_size": 5}))
+    with pytest.raises(ConfigError, match="does not divide"):  # the checkpoint's own block size (4) vs 30
+        Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "a", **{"data.seq_len": 30})))
+    with pytest.raises(ConfigError, match="must be an integer"):
+        load_config(None, ["train.steps=ten"])
+    with pytest.raises(ConfigError, match="shipped"):
+        load_config("no-such-recipe")
+    p = run_cli(["train", "cpt-small", "train.stepz=3"], check=False)
+    assert p.returncode == 2 and "did you mean 'train.steps'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_vocab_mismatch_and_other_run(tiny_setup, tmp_path):
+    from diffcoder.testing import write_tiny_checkpoint
+
+    small = write_tiny_checkpoint(tmp_path / "small", seed=0, with_tokenizer=False, vocab_size=100, mask_token_id=3)
+    with pytest.raises(ConfigError, match="only 100 embeddings"):
+        Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "r", **{"model.path": small})))
+    # same size, different tokenizer
+    from diffcoder.testing import tiny_tokenizer
+
+    other_tok = tiny_tokenizer(vocab_size=380)
+    from train_helpers import make_code_corpus
+
+    from diffcoder.training.data import build_corpus
+
+    build_corpus([str(make_code_corpus(tmp_path / "src", n=20))], other_tok, tmp_path / "d2", val_fraction=0)
+    with pytest.raises(ConfigError, match="different tokenizer"):
+        Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "r", **{"data.path": tmp_path / "d2"})))
+    # a checkpoint directory of another run
+    train(load_config(None, base_overrides(tiny_setup, tmp_path / "r1", **{"train.steps": 2})), quiet=True)
+    with pytest.raises(CheckpointError, match="--resume"):
+        Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "r1", **{"train.steps": 2})))
+    with pytest.raises(CheckpointError, match="optim.lr"):
+        Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "r1", **{"optim.lr": 5e-4})), resume=True)
+    # an empty corpus and a missing one
+    (tmp_path / "empty").mkdir()
+    p = run_cli(["data", "build", str(tmp_path / "empty"), "--out", str(tmp_path / "d3"), "--tokenizer",
+                 str(tiny_setup["base"])], check=False)
+    assert p.returncode == 2 and "no readable" in p.stderr
+    with pytest.raises(DiffcoderError, match="not a built dataset"):
+        Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "r", **{"data.path": tmp_path / "empty"})))
+
+
+def test_ar_objective_runs(tiny_setup, tmp_path):
+    cfg = load_config(None, base_overrides(tiny_setup, tmp_path / "ar", **{"objective.kind": "ar"}))
+    res = train(cfg, quiet=True)
+    assert res["last"]["mask_ratio"] == 0.0 and res["last"]["loss"] > 0
