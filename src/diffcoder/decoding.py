@@ -38,14 +38,15 @@ def commit_counts(n_masks: int, steps: int) -> list[int]:
 
 def propose(
     logits: torch.Tensor,
-    mask_id: int,
+    mask_id: int | None,
     temperature: float = 0.0,
     remasking: str = "low_confidence",
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Proposed token and confidence per slot (DESIGN §2.4). logits: [..., vocab] -> ([...], [...] float64)."""
     logits = logits.to(torch.float64)
-    logits[..., mask_id] = -math.inf  # the mask token is never a prediction
+    if mask_id is not None:
+        logits[..., mask_id] = -math.inf  # the mask token is never a prediction
     if temperature > 0:
         u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
         x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
@@ -124,9 +125,8 @@ def _prompts_from(input_ids, attention_mask) -> list[torch.Tensor]:
 
 
 def _nearest_multiples(value: int, of: int) -> str:
-    lo = max(of, value // of * of)
-    hi = lo + of if lo >= value else lo
-    return f"{lo}" if lo == hi else f"{lo} or {hi}"
+    lo = value // of * of
+    return " or ".join(str(c) for c in dict.fromkeys((lo, lo + of)) if c >= of)
 
 
 def validate(prompt_len: int, gen_length: int, steps: int, block: int, max_positions: int) -> int:
@@ -183,7 +183,8 @@ def generate(
 
     input_ids: [N, P] tensor (with `attention_mask` for padded rows), or a list of id lists of any lengths.
     Returns [N, L] ids (prompt + generation, right-padded with EOS), or a GenerationResult with
-    `return_result=True`. `on_event` receives commits as they happen; `cancelled(row)` is polled between
+    `return_result=True`. eos_id defaults to the tokenizer's (else the config's); -1 disables the EOS stop.
+    `on_event` receives commits as they happen; `cancelled(row)` is polled between
     blocks and drops that row (e.g. a client that went away).
     """
     cfg = model.config
@@ -197,6 +198,8 @@ def generate(
         )
     if eos_id is None:
         eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else cfg.eos_token_id
+    elif eos_id < 0:
+        eos_id = None  # -1: never stop early
     if temperature < 0:
         raise DecodingError(f"temperature must be >= 0, got {temperature}")
     if threshold is not None and not 0.0 < threshold <= 1.0:
@@ -247,12 +250,11 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
 
     canvas = torch.full((N, width), mask_id, dtype=torch.long)
     cols = torch.arange(width)
-    for i, p in enumerate(prompts):
-        canvas[i, : pads[i]] = eos_id if eos_id is not None else 0
-        canvas[i, pads[i] : pads[i] + lens[i]] = p
     valid = (cols >= pads[:, None]) & (cols < ends[:, None])  # real tokens (prompt or generation)
     to_fill = (cols >= (pads + lens)[:, None]) & valid  # generation slots still masked
-    canvas[~valid & (cols >= t0)] = eos_id if eos_id is not None else 0
+    canvas[~valid] = 0  # padding columns: never attended to, any id will do
+    for i, p in enumerate(prompts):
+        canvas[i, pads[i] : pads[i] + lens[i]] = p
 
     canvas, valid, to_fill, pads, lens = canvas.to(device), valid.to(device), to_fill.to(device), pads, lens
     rows = list(range(N))  # original row index of each active row
@@ -341,3 +343,98 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
         forwards=forwards,
         steps=steps_taken,
     )
+
+
+@torch.no_grad()
+def generate_ar(
+    model: DiffusionLM,
+    input_ids: torch.Tensor | Sequence[Sequence[int]] | Sequence[torch.Tensor],
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    temperature: float = 0.0,
+    attention_mask: torch.Tensor | None = None,
+    on_event: Callable[[DecodeEvent], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
+    generator: torch.Generator | None = None,
+    return_result: bool = False,
+) -> torch.Tensor | GenerationResult:
+    """Plain autoregressive decoding (causal attention, KV cache, one token per forward): the AR baseline.
+
+    Same inputs and outputs as `generate`; rows are left-padded so every row's next token sits in one column."""
+    cfg = model.config
+    device = model.device
+    if eos_id is None:
+        eos_id = cfg.eos_token_id
+    elif eos_id < 0:
+        eos_id = None
+    if max_new_tokens < 1:
+        raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = _prompts_from(input_ids, attention_mask)
+    for p in prompts:
+        if len(p) < 1:
+            raise DecodingError("the prompt is empty: give at least one token (e.g. the BOS token)")
+        if len(p) + max_new_tokens > cfg.max_position_embeddings:
+            raise DecodingError(
+                f"prompt ({len(p)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"{cfg.max_position_embeddings} positions; shorten the prompt or lower max_new_tokens"
+            )
+    N = len(prompts)
+    lens = torch.tensor([len(p) for p in prompts])
+    P = int(lens.max())
+    pads = (P - lens).to(device)
+    width = P + max_new_tokens
+    canvas = torch.zeros((N, width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        canvas[i, int(pads[i]) : P] = p.to(device)
+    cols = torch.arange(width, device=device)
+    valid = cols[None] >= pads[:, None]
+    positions = (cols[None] - pads[:, None]).clamp(min=0)
+    padded = bool((pads > 0).any())
+    cache = model.new_cache(N, width)
+    rows = list(range(N))
+    finished: dict[int, torch.Tensor] = {}
+    q = torch.arange(P, device=device)
+    attn = (q[None, :] <= q[:, None])[None] & valid[:, None, :P]
+    attn = (attn | torch.eye(P, dtype=torch.bool, device=device)[None])[:, None]
+    logits = model(canvas[:, :P], positions[:, :P], attn, cache, 0)[:, -1]
+    forwards = 1
+    for t in range(max_new_tokens):
+        col = P + t
+        tok, _ = propose(logits, cfg.mask_token_id, temperature, "low_confidence", generator)
+        canvas[:, col] = tok
+        keep = []
+        for r in range(len(rows)):
+            if on_event is not None:
+                on_event(DecodeEvent("commit", rows[r], t, t, [col - int(pads[r])], [int(tok[r])]))
+                on_event(DecodeEvent("block", rows[r], t, t, [col - int(pads[r])], [int(tok[r])]))
+            done = (eos_id is not None and int(tok[r]) == eos_id) or col + 1 == width
+            if not done and cancelled is not None and cancelled(rows[r]):
+                done = True
+            if done:
+                finished[rows[r]] = canvas[r, int(pads[r]) : col + 1].cpu()
+                if on_event is not None:
+                    on_event(DecodeEvent("done", rows[r], t, t))
+            else:
+                keep.append(r)
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            idx = torch.tensor(keep, device=device)
+            canvas, valid, positions, pads = canvas[idx], valid[idx], positions[idx], pads[idx]
+            cache.keep_rows(idx)
+            rows = [rows[r] for r in keep]
+        # One query per row; with no left padding every cached key is valid and no mask is needed.
+        attn = valid[:, None, None, : col + 1] if padded else None
+        logits = model(canvas[:, col : col + 1], positions[:, col : col + 1], attn, cache, col)[:, -1]
+        forwards += 1
+    result = GenerationResult(
+        sequences=[finished[i] for i in range(N)], prompt_lengths=[len(p) for p in prompts],
+        forwards=forwards, steps=sum(len(finished[i]) - len(p) for i, p in enumerate(prompts)),
+    )
+    if return_result:
+        return result
+    pad = eos_id if eos_id is not None else 0
+    out = torch.full((N, max(len(x) for x in result.sequences)), pad, dtype=torch.long)
+    for i, x in enumerate(result.sequences):
+        out[i, : len(x)] = x
+    return out.to(device)

@@ -113,10 +113,13 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def load_gguf_tokenizer(path: str | Path):
-    """A `transformers` fast tokenizer (with the chat template) built from the GGUF metadata."""
+    """A `transformers` fast tokenizer (with the chat template) built from the GGUF metadata, or None if the
+    file carries no tokenizer."""
     from transformers import AutoTokenizer
 
     path = Path(path)
+    if "tokenizer.ggml.tokens" not in _reader(path).fields:
+        return None
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as exc:

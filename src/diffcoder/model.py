@@ -237,7 +237,8 @@ class DiffusionLM(nn.Module):
         """Final-norm hidden states. attn_mask: bool [batch or 1, 1, q_len, k_len] (True = attend), or None
         for full bidirectional attention. With a cache, k_len = cache_start + q_len."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = self.rope_table(x.dtype, x.device)
+        cos, sin = cos[position_ids], sin[position_ids]
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
@@ -262,6 +263,16 @@ class DiffusionLM(nn.Module):
                 input_ids.shape[0], s
             )
         return self.lm_head(self.hidden_states(input_ids, position_ids, attn_mask, cache, cache_start))
+
+    def rope_table(self, dtype: torch.dtype, device: torch.device):
+        """cos/sin for every position, computed once per dtype/device (decoding calls forward per token)."""
+        key = (dtype, device)
+        table = getattr(self, "_rope_table", None)
+        if table is None or table[0] != key:
+            pos = torch.arange(self.config.max_position_embeddings, device=device)[None]
+            cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, dtype)
+            self._rope_table = table = (key, cos[0], sin[0])
+        return table[1], table[2]
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device)

