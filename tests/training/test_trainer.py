@@ -109,7 +109,7 @@ def test_plot_cli(tiny_setup, tmp_path):
 def test_bad_config_errors(tiny_setup, tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
         load_config(None, ["optim.lrr=1e-4"])
-    with pytest.raises(ConfigError, match="did you mean 'objective'"):
+    with pytest.raises(ConfigError, match="did you mean 'objective.u_init'"):
         load_config(None, ["objectve.u_init=0.1"])
     with pytest.raises(ConfigError, match="u_init must be in"):
         load_config(None, base_overrides(tiny_setup, tmp_path / "a", **{"objective.u_init": 0}))
@@ -133,10 +133,8 @@ def test_vocab_mismatch_and_other_run(tiny_setup, tmp_path):
     small = write_tiny_checkpoint(tmp_path / "small", seed=0, with_tokenizer=False, vocab_size=100, mask_token_id=3)
     with pytest.raises(ConfigError, match="only 100 embeddings"):
         Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "r", **{"model.path": small})))
-    # same size, different tokenizer
-    from diffcoder.testing import tiny_tokenizer
-
-    other_tok = tiny_tokenizer(vocab_size=380)
+    # ids in range, but from another tokenizer
+    other_tok = other_tokenizer()
     from train_helpers import make_code_corpus
 
     from diffcoder.training.data import build_corpus
@@ -163,3 +161,14 @@ def test_ar_objective_runs(tiny_setup, tmp_path):
     cfg = load_config(None, base_overrides(tiny_setup, tmp_path / "ar", **{"objective.kind": "ar"}))
     res = train(cfg, quiet=True)
     assert res["last"]["mask_ratio"] == 0.0 and res["last"]["loss"] > 0
+
+
+def other_tokenizer():
+    """A word-level tokenizer with its own vocabulary (ids that mean other things than the model's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(200)] + ["def", "return", "x", "+", "(", ")", ":"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
