@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import base_overrides
+from train_helpers import base_overrides, run_cli
 
 from diffcoder.errors import CheckpointError, ConfigError, DiffcoderError
 from diffcoder.training.config import load_config
 from diffcoder.training.trainer import Trainer, train
-
-SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def losses(run: Path) -> list[float]:
@@ -54,15 +49,6 @@ def test_training_reduces_loss_and_writes_hf_checkpoint(tiny_setup, tmp_path):
     assert model.config.mask_token_id == 3 and tok is not None
     cfgj = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert cfgj["architectures"] == ["LlamaForCausalLM"] and cfgj["block_size"] == 4
-
-
-def run_cli(args: list[str], env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", **(env_extra or {}))
-    p = subprocess.run([sys.executable, "-m", "diffcoder.cli", *args], env=env, capture_output=True, text=True,
-                       timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stderr[-3000:]}")
-    return p
 
 
 def test_kill_during_checkpoint_write_then_resume_matches(tiny_setup, tmp_path):

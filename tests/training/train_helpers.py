@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def make_code_corpus(root: Path, n: int = 60, seed: int = 0) -> Path:
@@ -23,3 +28,12 @@ def base_overrides(setup, out: Path, **extra) -> list[str]:
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]
+
+
+def run_cli(args: list[str], env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", **(env_extra or {}))
+    p = subprocess.run([sys.executable, "-m", "diffcoder.cli", *args], env=env, capture_output=True, text=True,
+                       timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stderr[-3000:]}")
+    return p

@@ -123,6 +123,9 @@ def resolve_source(spec: str, extensions: tuple[str, ...] = DEFAULT_EXTENSIONS) 
 def iter_documents(sources: list[str], text_field: str = "text", max_files: int | None = None,
                    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS) -> Iterator[Document]:
     items = [it for s in sources for it in resolve_source(s, extensions)]
+    # A fixed pseudo-random order (by path hash): a --max-tokens/--max-files prefix then samples the whole
+    # corpus rather than its alphabetically first directory.
+    items.sort(key=lambda it: hashlib.sha1(str(it).encode()).hexdigest())
     if max_files is not None:
         items = items[:max_files]
     for it in tqdm(items, desc="reading corpus", unit="file", disable=len(items) < 50, file=sys.stderr):

@@ -434,6 +434,10 @@ class Trainer:
         last: dict[str, Any] = {}
         bar = tqdm(total=c.steps, initial=self.step, desc="training", unit="step", file=sys.stderr,
                    disable=self.dist.rank != 0 or self.quiet)
+        if self.step == 0 and c.eval_every:  # the start point's held-out numbers, for before/after
+            ev = self.evaluate()
+            if ev:
+                self.write_log(ev)
         while self.step < c.steps:
             rec = self.train_step()
             last = rec
