@@ -383,39 +383,44 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Held-out diffusion NELBO on a fixed grid of t (same masks every time) and the AR NLL."""
+        """Held-out diffusion NELBO on a fixed grid of t (same masks every time) and the AR NLL.
+
+        The rows (eval_batches global batches) and their masks do not depend on the micro-batch/rank split."""
         if self.val_rows is None:
             return {}
         c = self.cfg
         self.model.eval()
-        nelbo_sum = ar_sum = 0.0
-        n_elig = n_ar = 0
-        grid = eval_time_grid(c.train.eval_t_points)
-        for i, got in enumerate(self.val_rows.sequential(c.train.micro_batch_size, c.train.eval_batches
-                                                         * c.train.micro_batch_size)):
-            x0, elig = got if isinstance(got, tuple) else (got, torch.ones_like(got, dtype=torch.bool))
-            x0d = x0.to(self.device)
-            with self.autocast():
-                if self.mask_id is not None:
-                    e = shift_eligible(elig, self.shift)
-                    nb_blocks = x0.shape[1] // self.block_size
-                    for j, t in enumerate(grid):
-                        noise = sample_block_noise(e, self.block_size, generator=noise_generator(12345, i, j),
-                                                   t=torch.full((x0.shape[0], nb_blocks), t))
-                        logits = forward_diffusion(self.model, x0d, _slice_noise(noise, slice(None), self.device),
-                                                   self.block_size, self.mask_id, attn_mask=self.attn_mask(x0.shape[1]))
-                        nelbo_sum += float(diffusion_loss_sum(logits, x0d, _slice_noise(noise, slice(None),
-                                                              self.device), self.block_size, self.shift)) / len(grid)
-                    n_elig += int(e.sum())
-                pos = torch.arange(x0.shape[1], device=self.device)
-                logits = self.model(x0d, attn_mask=block_causal_mask(pos, pos, 1)[None, None])
-                ar_sum += float(ar_loss_sum(logits, x0d, elig.to(self.device)))
-                n_ar += int(elig[:, 1:].sum())
+        got = list(self.val_rows.sequential(self.global_batch, c.train.eval_batches * self.global_batch))
+        if isinstance(got[0], tuple):
+            x0, elig = torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
+        else:
+            x0 = torch.cat(got)
+            elig = torch.ones_like(x0, dtype=torch.bool)
+        mb = c.train.micro_batch_size
+        chunks = [slice(a, a + mb) for a in range(0, x0.shape[0], mb)]
+        out: dict[str, Any] = {"kind": "eval", "step": self.step}
+        with self.autocast():
+            if self.mask_id is not None:
+                e = shift_eligible(elig, self.shift)
+                grid = eval_time_grid(c.train.eval_t_points)
+                nelbo = 0.0
+                for j, t in enumerate(grid):
+                    noise = sample_block_noise(e, self.block_size, generator=noise_generator(12345, j),
+                                               t=torch.full((x0.shape[0], x0.shape[1] // self.block_size), t))
+                    for sl in chunks:
+                        xb, nb = x0[sl].to(self.device), _slice_noise(noise, sl, self.device)
+                        logits = forward_diffusion(self.model, xb, nb, self.block_size, self.mask_id,
+                                                   attn_mask=self.attn_mask(xb.shape[1]))
+                        nelbo += float(diffusion_loss_sum(logits, xb, nb, self.block_size, self.shift))
+                out["eval_nelbo"] = nelbo / len(grid) / max(int(e.sum()), 1)
+            ar = 0.0
+            pos = torch.arange(x0.shape[1], device=self.device)
+            causal = block_causal_mask(pos, pos, 1)[None, None]
+            for sl in chunks:
+                xb = x0[sl].to(self.device)
+                ar += float(ar_loss_sum(self.model(xb, attn_mask=causal), xb, elig[sl].to(self.device)))
+            out["eval_ar_nll"] = ar / max(int(elig[:, 1:].sum()), 1)
         self.model.train()
-        out = {"kind": "eval", "step": self.step}
-        if n_elig:
-            out["eval_nelbo"] = nelbo_sum / n_elig
-        out["eval_ar_nll"] = ar_sum / max(n_ar, 1)
         return out
 
     # ------------------------------------------------------------------------------------------- loop
