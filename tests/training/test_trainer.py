@@ -158,3 +158,28 @@ def other_tokenizer():
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+def test_sft_run_scores_only_responses(tiny_setup, tmp_path):
+    """SFT end to end on mined pairs: prompt tokens are never masked, trailing EOS are."""
+    from diffcoder.testing import tiny_tokenizer
+    from diffcoder.training.data import build_sft
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"m{i}.py").write_text(
+            f'def add{i}(a, b):\n    """Add {i} to a plus b."""\n    s = a + b\n    return s + {i}\n')
+    build_sft([str(src)], tiny_tokenizer(), tmp_path / "sft", mine=True, val_fraction=0.2)
+    cfg = load_config(None, base_overrides(tiny_setup, tmp_path / "run", **{
+        "data.kind": "sft", "data.path": tmp_path / "sft", "data.seq_len": 128, "train.steps": 3,
+        "objective.warmup_steps": 0}))
+    tr = Trainer(cfg, quiet=True)
+    x0, elig = tr.global_batch_at(0)
+    assert (~elig).any() and elig.any()
+    from diffcoder.training.objective import sample_block_noise
+
+    noise = sample_block_noise(elig, 4, generator=torch.Generator().manual_seed(0))
+    assert not (noise.masked & ~elig).any()
+    res = tr.run()
+    assert res["last"]["loss"] > 0 and "eval_nelbo" in res["eval"]
