@@ -190,3 +190,14 @@ def test_flex_block_mask_forward_equals_sdpa():
         with torch.no_grad():
             flex = forward_diffusion(model, x0, noise, B, mask_token_id=3, attn_mask=flex_training_mask(L, B, "cpu"))
     assert torch.allclose(dense, flex, atol=1e-4)
+
+
+def test_noisy_only_forward_equals_noisy_half():
+    model = tiny_model(seed=5, std=0.3, dtype=torch.float64)
+    x0 = torch.randint(4, 300, (2, 16))
+    noise = sample_block_noise(torch.ones(2, 16, dtype=torch.bool), 4, generator=torch.Generator().manual_seed(1))
+    full = forward_diffusion(model, x0, noise, 4, mask_token_id=3)
+    half = forward_diffusion(model, x0, noise, 4, mask_token_id=3, noisy_only=True)
+    assert torch.allclose(full[:, :16], half, atol=1e-12)
+    elig = torch.ones(2, 16, dtype=torch.bool)
+    assert diffusion_loss(full, x0, noise, elig, 4).item() == pytest.approx(diffusion_loss(half, x0, noise, elig, 4).item())

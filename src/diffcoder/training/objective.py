@@ -178,7 +178,8 @@ def diffusion_loss_sum(
 ) -> torch.Tensor:
     """Sum over masked positions of w * CE(target). Divide by the count of loss-eligible tokens of the *whole*
     optimizer batch (all micro-batches, all ranks) to get the per-token NELBO (see `diffusion_loss`)."""
-    scoring = diffusion_logits_for_targets(logits, block_size, shift)
+    # logits may be [N, 2L, V] over [xt ; x0], or (shift=False) the noisy half alone [N, L, V]
+    scoring = logits if logits.shape[1] == x0.shape[1] else diffusion_logits_for_targets(logits, block_size, shift)
     ce = F.cross_entropy(_upcast(scoring).flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
     return (ce * noise.weight).sum()
 
@@ -208,13 +209,18 @@ def forward_diffusion(
     block_size: int,
     mask_token_id: int,
     attn_mask=None,
+    noisy_only: bool = False,
 ) -> torch.Tensor:
-    """Run the model on `[xt ; x0]` with duplicated positions and the training mask; returns logits [N, 2L, V]."""
+    """Run the model on `[xt ; x0]` with duplicated positions and the training mask; returns logits [N, 2L, V],
+    or with noisy_only (enough for shift=False) only the noisy half [N, L, V], skipping half the LM head."""
     n, length = x0.shape
     if attn_mask is None:
         attn_mask = training_block_mask(length, block_size, x0.device)[None, None]
     pos = training_position_ids(length, x0.device)[None].expand(n, -1)
-    return model(concat_inputs(x0, noise.masked, mask_token_id), position_ids=pos, attn_mask=attn_mask)
+    inputs = concat_inputs(x0, noise.masked, mask_token_id)
+    if noisy_only:
+        return model.lm_head(model.hidden_states(inputs, pos, attn_mask)[:, :length])
+    return model(inputs, position_ids=pos, attn_mask=attn_mask)
 
 
 def eval_time_grid(n_points: int) -> list[float]:

@@ -346,7 +346,9 @@ class Trainer:
                 if diffusion:
                     nb = _slice_noise(noise, sl, self.device)
                     logits = forward_diffusion(self.model, xb, nb, self.block_size, self.mask_id,
-                                               attn_mask=self.attn_mask(xb.shape[1]))
+                                               attn_mask=self.attn_mask(xb.shape[1]),
+                                               # FSDP: the root forward must run (it gathers the head)
+                                               noisy_only=not self.shift and not self.dist.enabled)
                     loss_sum = diffusion_loss_sum(logits, xb, nb, self.block_size, self.shift)
                 else:
                     pos = torch.arange(xb.shape[1], device=self.device)
@@ -410,7 +412,9 @@ class Trainer:
                     for sl in chunks:
                         xb, nb = x0[sl].to(self.device), _slice_noise(noise, sl, self.device)
                         logits = forward_diffusion(self.model, xb, nb, self.block_size, self.mask_id,
-                                                   attn_mask=self.attn_mask(xb.shape[1]))
+                                                   attn_mask=self.attn_mask(xb.shape[1]),
+                                               # FSDP: the root forward must run (it gathers the head)
+                                               noisy_only=not self.shift and not self.dist.enabled)
                         nelbo += float(diffusion_loss_sum(logits, xb, nb, self.block_size, self.shift))
                 out["eval_nelbo"] = nelbo / len(grid) / max(int(e.sum()), 1)
             ar = 0.0
