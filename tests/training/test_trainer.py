@@ -183,3 +183,13 @@ def test_sft_run_scores_only_responses(tiny_setup, tmp_path):
     assert not (noise.masked & ~elig).any()
     res = tr.run()
     assert res["last"]["loss"] > 0 and "eval_nelbo" in res["eval"]
+
+
+def test_activation_checkpointing_same_training(tiny_setup, tmp_path):
+    curves = []
+    for gc in (False, True):
+        cfg = load_config(None, base_overrides(tiny_setup, tmp_path / f"gc{gc}", **{
+            "model.gradient_checkpointing": gc, "model.dtype": "float64", "train.steps": 3}))
+        train(cfg, quiet=True)
+        curves.append(losses(tmp_path / f"gc{gc}"))
+    assert curves[0] == pytest.approx(curves[1], rel=1e-12)
