@@ -364,6 +364,8 @@ def mine_instruction_pairs(docs: Iterator[Document], max_pairs: int | None = Non
             sig_end = body[0].lineno - 1  # docstring starts here
             head = lines[start:sig_end]
             rest = lines[body[0].end_lineno: node.end_lineno]
+            while rest and not rest[0].strip():  # the blank line the docstring leaves behind
+                rest = rest[1:]
             indent = min(len(x) - len(x.lstrip()) for x in head if x.strip())
             code = "\n".join(x[indent:] for x in head + rest).rstrip()
             if len(code) > max_answer_chars or len(rest) < 1:
