@@ -193,3 +193,20 @@ def test_activation_checkpointing_same_training(tiny_setup, tmp_path):
         train(cfg, quiet=True)
         curves.append(losses(tmp_path / f"gc{gc}"))
     assert curves[0] == pytest.approx(curves[1], rel=1e-12)
+
+
+def test_ar_start_point_gets_a_mask_token(tiny_setup, tmp_path):
+    """An AR checkpoint without a mask token is given one (a new mean-embedding row) and trains."""
+    from diffcoder.testing import write_tiny_checkpoint
+
+    ar = write_tiny_checkpoint(tmp_path / "ar", seed=1, with_tokenizer=False, std=0.02, mask_token_id=None)
+    tr = Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "run", **{"model.path": ar,
+                                                                                   "train.steps": 2})), quiet=True)
+    assert tr.mask_id == 384 and tr.model.config.vocab_size == 385
+    emb = tr.model.model.embed_tokens.weight.detach()
+    assert torch.allclose(emb[384], emb[:384].mean(0), atol=1e-6)
+    tr.run()
+    import diffcoder
+
+    m, _ = diffcoder.load(tmp_path / "run" / "final")
+    assert m.config.mask_token_id == 384 and m.config.vocab_size == 385
