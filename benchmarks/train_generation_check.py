@@ -18,15 +18,18 @@ from pathlib import Path
 import torch
 
 import diffcoder
-from diffcoder.decoding import generate
+from diffcoder.decoding import generate, generate_ar
 from diffcoder.training.data import PackedRows
 from diffcoder.training.modelio import resolve_model_path
 
 
-def score(path: str, prompts: torch.Tensor, refs: torch.Tensor, block: int) -> dict:
+def score(path: str, prompts: torch.Tensor, refs: torch.Tensor, block: int, ar: bool = False) -> dict:
     model, tok = diffcoder.load(resolve_model_path(path))
-    out = generate(model, prompts, steps=refs.shape[1], gen_length=refs.shape[1], block_length=block,
-                   eos_id=-1, shift=model.config.shift)
+    if ar:  # the start point as the AR model it was trained as: greedy causal decoding, the reference ceiling
+        out = generate_ar(model, prompts, max_new_tokens=refs.shape[1], eos_id=-1)
+    else:
+        out = generate(model, prompts, steps=refs.shape[1], gen_length=refs.shape[1], block_length=block,
+                       eos_id=-1, shift=model.config.shift)
     gen = out[:, prompts.shape[1]:]
     acc = (gen == refs).float().mean().item()
     return {"model": str(path), "continuation_token_accuracy": acc,
@@ -46,7 +49,8 @@ def main() -> None:
     rows = PackedRows(args.data, "val", args.prompt_len + args.gen_len)
     x = torch.cat(list(rows.sequential(args.rows, args.rows)))
     prompts, refs = x[:, : args.prompt_len], x[:, args.prompt_len:]
-    res = {"args": vars(args), "before": score(args.before, prompts, refs, 4), "after": score(args.after, prompts, refs, 4)}
+    res = {"args": vars(args), "before": score(args.before, prompts, refs, 4), "after": score(args.after, prompts, refs, 4),
+           "ar_baseline_before": score(args.before, prompts, refs, 1, ar=True)}
     print(json.dumps(res, indent=2))
     Path(args.results).write_text(json.dumps(res, indent=2))
 
