@@ -38,13 +38,17 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
         model = build_model(cfg, state, dtype, device)
         model.generation_defaults = {}
         return model, load_gguf_tokenizer(path)
-    model, tokenizer = load_hf_dir(path, dtype, device)
-    adapter = path / "adapter_config.json"
-    if adapter.is_file():  # LoRA adapters saved by training name their base checkpoint
-        from diffcoder.training.lora import load_adapter  # type: ignore[import-not-found]
+    if (path / "adapter_config.json").is_file():
+        # A LoRA adapter names its base checkpoint (path + content hash): load that, then apply the adapter.
+        from diffcoder.training.lora import check_base, load_adapter, read_adapter_config
 
-        model = load_adapter(model, path)
-    return model, tokenizer
+        model, tokenizer = load_hf_dir(check_base(read_adapter_config(path)), dtype, device)
+        if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            from diffcoder.checkpoint import load_tokenizer
+
+            tokenizer = load_tokenizer(path)
+        return load_adapter(model, path), tokenizer
+    return load_hf_dir(path, dtype, device)
 
 
 __all__ = ["load", "resolve_dtype", "__version__"]

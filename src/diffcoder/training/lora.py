@@ -2,9 +2,9 @@
 (a new token has no pretrained row worth freezing).
 
 An adapter directory holds `adapter_config.json` (rank, alpha, targets, the base checkpoint's path and content
-hash), `adapter_model.safetensors` (the A/B matrices and the mask row) and, so that `diffcoder.load(ADAPTER_DIR)`
-works, the base's `config.json`, the tokenizer and a weight index that points at the base's own weight files.
-Loading checks the base's hash and returns the base with the adapter merged in; `diffcoder merge` saves that.
+hash), `adapter_model.safetensors` (the A/B matrices and the mask row), the tokenizer and the base's
+generation_config.json. `diffcoder.load(ADAPTER_DIR)` checks the base's hash, loads it and returns it with the
+adapter merged in; `diffcoder merge` saves that.
 """
 
 from __future__ import annotations
@@ -100,34 +100,16 @@ def save_adapter(model, dest: Path, base: Path, tokenizer=None) -> None:
     if base.suffix == ".gguf" or not (base / "config.json").is_file():
         raise ConfigError(f"LoRA needs a Hugging Face checkpoint directory as base (got {base}); convert it first "
                           "with `diffcoder convert`")
-    from diffcoder.checkpoint import weight_files
-
-    base_cfg = json.loads((base / "config.json").read_text())
     cfg = dict(model._lora_config, format="diffcoder-lora-v1", base_model=str(base),
                base_sha256=base_content_hash(base), mask_token_id=model.config.mask_token_id,
                vocab_size=model.config.vocab_size, block_size=model.config.block_size, shift=model.config.shift)
     save_file(adapter_state(model), str(dest / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (dest / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    # what `diffcoder.load(dest)` reads before it applies the adapter: the base's config and weights
-    (dest / "config.json").write_text(json.dumps(base_cfg, indent=2, sort_keys=True))
-    files = weight_files(base)
-    index = {"metadata": {"note": "weights of the LoRA base checkpoint, by absolute path"}, "weight_map": {}}
-    for f in files:
-        for k in _keys(f):
-            index["weight_map"][k] = str(f.resolve())
-    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     for name in ("generation_config.json",):
         if (base / name).is_file():
             (dest / name).write_text((base / name).read_text())
     if tokenizer is not None:
         tokenizer.save_pretrained(str(dest))
-
-
-def _keys(f: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(f), "pt") as fh:
-        return list(fh.keys())
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
