@@ -24,15 +24,28 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_run_dir(path: Path) -> Path:
+    """A training run directory stands for its final model, or while it runs, its latest complete checkpoint."""
+    if (path / "config.json").exists() or (path / "adapter_config.json").exists():
+        return path
+    if (path / "final" / "config.json").is_file() or (path / "final" / "adapter_config.json").is_file():
+        return path / "final"
+    pointer = path / "checkpoints" / "latest"
+    if pointer.is_file():
+        return path / "checkpoints" / pointer.read_text().strip()
+    return path
+
+
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load a checkpoint (HF directory or .gguf file) as `(model, tokenizer)`; tokenizer may be None.
+    """Load a checkpoint (HF directory, .gguf file, LoRA adapter directory, or a training run directory, which
+    stands for its final or latest checkpoint) as `(model, tokenizer)`; tokenizer may be None.
 
     The model's `generate` takes the official Stable-DiffCoder call unchanged (see diffcoder.decoding)."""
     from diffcoder.checkpoint import build_model, load_hf_dir
     from diffcoder.gguf_io import load_gguf_tokenizer, read_gguf
 
     dtype = resolve_dtype(dtype)
-    path = Path(path)
+    path = resolve_run_dir(Path(path))
     if path.suffix == ".gguf":
         cfg, state = read_gguf(path)
         model = build_model(cfg, state, dtype, device)

@@ -49,6 +49,16 @@ def test_training_reduces_loss_and_writes_hf_checkpoint(tiny_setup, tmp_path):
     assert model.config.mask_token_id == 3 and tok is not None
     cfgj = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert cfgj["architectures"] == ["LlamaForCausalLM"] and cfgj["block_size"] == 4
+    # The run directory stands for its final model, which now decodes with the block size it was trained for
+    # (its converted AR start point defaulted to exact AR decoding: block 1 with shift).
+    again, _ = diffcoder.load(tmp_path / "run")
+    assert again.generation_defaults["block_length"] == 4 and again.generation_defaults["shift"] is False
+    assert again.config.extra["diffusion_trained"] is True
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "final")  # a run still in progress: its latest complete checkpoint
+    assert diffcoder.resolve_run_dir(tmp_path / "run") == tmp_path / "run" / "checkpoints" / latest
 
 
 def test_kill_during_checkpoint_write_then_resume_matches(tiny_setup, tmp_path):

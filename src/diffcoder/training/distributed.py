@@ -38,7 +38,7 @@ def save_distributed(trainer, dest: Path) -> None:
         if plain.config.tie_word_embeddings:
             plain.lm_head.weight = plain.model.embed_tokens.weight
         plain.generation_defaults = getattr(trainer.model, "generation_defaults", {})
-        write_hf_dir(plain, dest, trainer.tokenizer)
+        write_hf_dir(plain, dest, trainer.tokenizer, trainer.cfg.objective.kind == "diffusion")
 
 
 def load_distributed(trainer, path: Path) -> None:

@@ -257,7 +257,7 @@ class Trainer:
 
                 save_adapter(self.model, d, self.base_path, self.tokenizer)
             else:
-                write_hf_dir(self.model, d, self.tokenizer)
+                write_hf_dir(self.model, d, self.tokenizer, self.cfg.objective.kind == "diffusion")
 
         return ckptlib.write_checkpoint(self.out, self.step, write_model, self._trainer_state(),
                                         keep=self.cfg.train.keep_checkpoints, is_writer=self.dist.rank == 0,
@@ -468,10 +468,11 @@ class Trainer:
         if ev:
             self.write_log(ev)
         final = self.save()
-        if self.dist.rank == 0:
-            export = self.out / "final"
-            shutil.rmtree(export, ignore_errors=True)
-            shutil.copytree(final, export, ignore=shutil.ignore_patterns(ckptlib.STATE_FILE, "dcp"))
+        if self.dist.rank == 0:  # the exported model replaces any old one in a single rename
+            from diffcoder.checkpoint import atomic_directory
+
+            atomic_directory(self.out / "final", lambda tmp: shutil.copytree(
+                final, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ckptlib.STATE_FILE, "dcp")))
         self.dist.barrier()
         return {"last": last, "eval": ev, "checkpoint": str(final), "final": str(self.out / "final")}
 
@@ -488,12 +489,17 @@ def _slice_noise(noise, sl, device):
                       t=noise.t[sl].to(device), rate=noise.rate[sl].to(device))
 
 
-def write_hf_dir(model, dest: Path, tokenizer=None) -> None:
-    """The DESIGN §4 files of `model` written into an existing directory."""
+def write_hf_dir(model, dest: Path, tokenizer=None, diffusion_trained: bool = True) -> None:
+    """The DESIGN §4 files of `model` written into an existing directory. A diffusion-trained model decodes by
+    default with the block size and shift it was trained for (a converted AR start point defaulted to exact AR)."""
     from diffcoder.checkpoint import save_checkpoint
 
+    defaults = None
+    if diffusion_trained:
+        model.config.extra["diffusion_trained"] = True
+        defaults = {"block_length": model.config.block_size, "shift": model.config.shift}
     tmp = dest / ".hf"
-    save_checkpoint(model, tmp, tokenizer=tokenizer)
+    save_checkpoint(model, tmp, tokenizer=tokenizer, generation_defaults=defaults)
     for f in tmp.iterdir():
         os.replace(f, dest / f.name)
     tmp.rmdir()
