@@ -166,6 +166,7 @@ def test_events_replay_to_the_result(model):
     assert {p: seq[p] for p in canvas} == canvas and sorted(canvas) == list(range(6, 22))
     streamed = [t for ev in events if ev.kind == "block" for t in ev.token_ids]
     assert streamed == seq[6:] and events[-1].kind == "done"
+    assert events[-1].forwards == res.forwards == 5 * 2  # 5 blocks (P % B = 2) x S = 2; on the done event
 
 
 def test_cancelled_row_stops_early(model):

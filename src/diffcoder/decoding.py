@@ -84,7 +84,8 @@ def choose_commits(
 class DecodeEvent:
     """kind: 'commit' (slots committed in a step), 'block' (a block is final), 'done' (the row is finished).
 
-    positions are absolute positions in the row's sequence (prompt starts at 0)."""
+    positions are absolute positions in the row's sequence (prompt starts at 0); forwards is the number of model
+    forwards the batch has run so far (on a 'done' event: what that row cost)."""
 
     kind: str
     row: int
@@ -92,6 +93,7 @@ class DecodeEvent:
     step: int
     positions: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    forwards: int = 0
 
 
 @dataclass
@@ -156,6 +158,32 @@ def validate(prompt_len: int, gen_length: int, steps: int, block: int, max_posit
 
 # ---------------------------------------------------------------------------------------------------------
 # The driver: batched, cached
+
+
+class _ActiveRows:
+    """The rows still decoding: their original indices, and the finished sequences of the others."""
+
+    def __init__(self, n: int, on_event, cancelled):
+        self.rows = list(range(n))
+        self.finished: dict[int, torch.Tensor] = {}
+        self.on_event, self.cancelled = on_event, cancelled
+
+    def settle(self, r: int, done: bool, sequence: torch.Tensor, block: int, step: int, forwards: int) -> bool:
+        """Finish row r if it is done (or its caller went away); return whether it stays in the batch."""
+        if not done and self.cancelled is not None and self.cancelled(self.rows[r]):
+            done = True
+        if done:
+            self.finished[self.rows[r]] = sequence.cpu()
+            if self.on_event is not None:
+                self.on_event(DecodeEvent("done", self.rows[r], block, step, forwards=forwards))
+        return not done
+
+    def shrink(self, keep: list[int], cache, *tensors):
+        """Drop finished rows from the cache and from every per-row tensor given (None passes through)."""
+        idx = torch.tensor(keep)
+        cache.keep_rows(idx.to(cache.k[0].device))
+        self.rows = [self.rows[r] for r in keep]
+        return tuple(None if t is None else t[idx.to(t.device)] for t in tensors)
 
 
 @torch.no_grad()
@@ -256,12 +284,12 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
     for i, p in enumerate(prompts):
         canvas[i, pads[i] : pads[i] + lens[i]] = p
 
-    canvas, valid, to_fill, pads, lens = canvas.to(device), valid.to(device), to_fill.to(device), pads, lens
-    rows = list(range(N))  # original row index of each active row
+    canvas, valid, to_fill = canvas.to(device), valid.to(device), to_fill.to(device)
+    active = _ActiveRows(N, on_event, cancelled)
+    rows = active.rows
     cache = model.new_cache(N, width)
     committed = 0  # canvas columns [0, committed) have clean keys in the cache
-    prev_logits = None  # logits at column (block start - 1), for shift=True
-    finished: dict[int, torch.Tensor] = {}
+    prev_hidden = None  # final hidden state at column (block start - 1): predicts the first slot when shift=True
     forwards = steps_taken = 0
     positions = (cols.to(device)[None] - pads.to(device)[:, None]).clamp(min=0)
 
@@ -280,18 +308,22 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
             k_cols = torch.arange(0, e, device=device)
             attn = (k_cols[None, :] // B <= q_cols[:, None] // B)[None] & valid[:, None, :e]
             attn = (attn | (q_cols[:, None] == k_cols[None, :])[None])[:, None]  # pad queries see themselves
-            logits = model(canvas[:, start:e], positions[:, start:e], attn, cache, start)
+            hidden = model.hidden_states(canvas[:, start:e], positions[:, start:e], attn, cache, start)
             forwards += 1
             if start < s:
                 committed = s
-                prev_logits = logits[:, s - start - 1]
-            block_logits = logits[:, s - start :]
-            if shift:  # logits at column i-1 predict column i; the block's first slot uses the previous block
+                prev_hidden = hidden[:, s - start - 1]
+            block_hidden = hidden[:, s - start :]
+            if shift:  # position i-1 predicts column i; the block's first slot uses the previous block
                 # (with no column before the block, its first slot is a prompt token: the stand-in is unused)
-                before = prev_logits if prev_logits is not None else torch.zeros_like(block_logits[:, 0])
-                block_logits = torch.cat([before[:, None], block_logits[:, :-1]], dim=1)
-            x0, conf = propose(block_logits, mask_id, temperature, remasking, generator)
+                before = prev_hidden if prev_hidden is not None else torch.zeros_like(block_hidden[:, 0])
+                block_hidden = torch.cat([before[:, None], block_hidden[:, :-1]], dim=1)
             masked = to_fill[:, s:e]
+            # The LM head and softmax run only where a prediction is needed: the still-masked slots.
+            x0_m, conf_m = propose(model.lm_head(block_hidden[masked]), mask_id, temperature, remasking, generator)
+            x0 = torch.zeros(masked.shape, dtype=torch.long, device=device).masked_scatter(masked, x0_m)
+            conf = torch.full(masked.shape, -math.inf, dtype=torch.float64, device=device).masked_scatter(
+                masked, conf_m)
             commit = choose_commits(conf, masked, k, threshold)
             canvas[:, s:e] = torch.where(commit, x0, canvas[:, s:e])
             to_fill[:, s:e] &= ~commit
@@ -300,7 +332,7 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
                 for r in torch.nonzero(commit.any(-1)).flatten().tolist():
                     c = torch.nonzero(commit[r]).flatten()
                     on_event(DecodeEvent("commit", rows[r], b, step, (c + s - int(pads[r])).tolist(),
-                                         x0[r, c].tolist()))
+                                         x0[r, c].tolist(), forwards))
             step += 1
 
         # The block is clean: EOS stop, emit, and drop finished rows.
@@ -318,27 +350,17 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
             if on_event is not None and gen_start < blk_end:
                 pad = int(pads[r])
                 on_event(DecodeEvent("block", rows[r], b, step, list(range(gen_start - pad, blk_end - pad)),
-                                     canvas[r, gen_start:blk_end].tolist()))
-            if not done and cancelled is not None and cancelled(rows[r]):
-                done = True
-            if done:
-                finished[rows[r]] = canvas[r, int(pads[r]) : blk_end].cpu()
-                if on_event is not None:
-                    on_event(DecodeEvent("done", rows[r], b, step))
-            else:
+                                     canvas[r, gen_start:blk_end].tolist(), forwards))
+            if active.settle(r, done, canvas[r, int(pads[r]) : blk_end], b, step, forwards):
                 keep.append(r)
         if not keep:
             break
         if len(keep) < len(rows):
-            idx = torch.tensor(keep, device=device)
-            canvas, valid, to_fill, positions = canvas[idx], valid[idx], to_fill[idx], positions[idx]
-            cache.keep_rows(idx)
-            pads, lens, ends = pads[idx.cpu()], lens[idx.cpu()], ends[idx.cpu()]
-            if prev_logits is not None:
-                prev_logits = prev_logits[idx]
-            rows = [rows[r] for r in keep]
+            canvas, valid, to_fill, positions, pads, lens, ends, prev_hidden = active.shrink(
+                keep, cache, canvas, valid, to_fill, positions, pads, lens, ends, prev_hidden)
+            rows = active.rows
     return GenerationResult(
-        sequences=[finished[i] for i in range(N)],
+        sequences=[active.finished[i] for i in range(N)],
         prompt_lengths=[len(p) for p in prompts],
         forwards=forwards,
         steps=steps_taken,
@@ -391,12 +413,12 @@ def generate_ar(
     positions = (cols[None] - pads[:, None]).clamp(min=0)
     padded = bool((pads > 0).any())
     cache = model.new_cache(N, width)
-    rows = list(range(N))
-    finished: dict[int, torch.Tensor] = {}
+    active = _ActiveRows(N, on_event, cancelled)
+    rows = active.rows
     q = torch.arange(P, device=device)
     attn = (q[None, :] <= q[:, None])[None] & valid[:, None, :P]
     attn = (attn | torch.eye(P, dtype=torch.bool, device=device)[None])[:, None]
-    logits = model(canvas[:, :P], positions[:, :P], attn, cache, 0)[:, -1]
+    logits = model.lm_head(model.hidden_states(canvas[:, :P], positions[:, :P], attn, cache, 0)[:, -1])
     forwards = 1
     for t in range(max_new_tokens):
         col = P + t
@@ -405,31 +427,23 @@ def generate_ar(
         keep = []
         for r in range(len(rows)):
             if on_event is not None:
-                on_event(DecodeEvent("commit", rows[r], t, t, [col - int(pads[r])], [int(tok[r])]))
-                on_event(DecodeEvent("block", rows[r], t, t, [col - int(pads[r])], [int(tok[r])]))
+                on_event(DecodeEvent("commit", rows[r], t, t, [col - int(pads[r])], [int(tok[r])], forwards))
+                on_event(DecodeEvent("block", rows[r], t, t, [col - int(pads[r])], [int(tok[r])], forwards))
             done = (eos_id is not None and int(tok[r]) == eos_id) or col + 1 == width
-            if not done and cancelled is not None and cancelled(rows[r]):
-                done = True
-            if done:
-                finished[rows[r]] = canvas[r, int(pads[r]) : col + 1].cpu()
-                if on_event is not None:
-                    on_event(DecodeEvent("done", rows[r], t, t))
-            else:
+            if active.settle(r, done, canvas[r, int(pads[r]) : col + 1], t, t, forwards):
                 keep.append(r)
         if not keep:
             break
         if len(keep) < len(rows):
-            idx = torch.tensor(keep, device=device)
-            canvas, valid, positions, pads = canvas[idx], valid[idx], positions[idx], pads[idx]
-            cache.keep_rows(idx)
-            rows = [rows[r] for r in keep]
+            canvas, valid, positions, pads = active.shrink(keep, cache, canvas, valid, positions, pads)
+            rows = active.rows
         # One query per row; with no left padding every cached key is valid and no mask is needed.
         attn = valid[:, None, None, : col + 1] if padded else None
         logits = model(canvas[:, col : col + 1], positions[:, col : col + 1], attn, cache, col)[:, -1]
         forwards += 1
     result = GenerationResult(
-        sequences=[finished[i] for i in range(N)], prompt_lengths=[len(p) for p in prompts],
-        forwards=forwards, steps=sum(len(finished[i]) - len(p) for i, p in enumerate(prompts)),
+        sequences=[active.finished[i] for i in range(N)], prompt_lengths=[len(p) for p in prompts],
+        forwards=forwards, steps=sum(len(active.finished[i]) - len(p) for i, p in enumerate(prompts)),
     )
     if return_result:
         return result

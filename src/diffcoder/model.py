@@ -130,6 +130,22 @@ class KVCache:
         self.v = [t.index_select(0, rows) for t in self.v]
 
 
+def _is_block_mask(mask) -> bool:
+    return mask is not None and type(mask).__name__ == "BlockMask"
+
+
+_FLEX: dict[bool, Any] = {}
+
+
+def _flex_attention(compiled: bool):
+    """flex_attention, compiled once for CUDA (its eager form is a slow reference, fine for CPU tests)."""
+    if compiled not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[compiled] = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return _FLEX[compiled]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -151,7 +167,10 @@ class Attention(nn.Module):
             cache.k[layer][:, :, cache_start:end] = k
             cache.v[layer][:, :, cache_start:end] = v
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
+        if _is_block_mask(attn_mask):  # flex_attention BlockMask (CUDA training); SDPA + dense bool mask otherwise
+            y = _flex_attention(q.is_cuda)(q, k, v, block_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
 
 

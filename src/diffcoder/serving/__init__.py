@@ -1,0 +1,31 @@
+"""An OpenAI-compatible HTTP server with batching and streaming, and a playground that shows the denoising."""
+
+from diffcoder.serving.app import create_app
+from diffcoder.serving.engine import DecodeSettings, Engine, Row
+from diffcoder.serving.metrics import Metrics
+
+__all__ = ["create_app", "DecodeSettings", "Engine", "Metrics", "Row", "build_app"]
+
+
+def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: str | None = None,
+              served_name: str | None = None, mask_id: int | None = None, overrides: dict | None = None,
+              batch_wait: float = 0.02, device: str = "cpu"):
+    """Load a checkpoint and return (app, engine) ready for uvicorn."""
+    from pathlib import Path
+
+    import diffcoder
+    from diffcoder.errors import ConfigError
+
+    model, tokenizer = diffcoder.load(model_path, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise ConfigError(f"{model_path} has no tokenizer files; the server needs one to read prompts "
+                          f"(save the checkpoint with its tokenizer)")
+    if mask_id is None and model.config.mask_token_id is None:
+        raise ConfigError(f"{model_path} has no mask token, so it cannot be decoded by diffusion; run "
+                          f"`diffcoder convert` on it first, or pass --mask-id with an unused token id")
+    defaults = dict(getattr(model, "generation_defaults", {}) or {})
+    defaults.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, mask_id=mask_id,
+                    batch_wait=batch_wait)
+    name = served_name or Path(model_path).name.removesuffix(".gguf")
+    return create_app(engine, name, defaults), engine

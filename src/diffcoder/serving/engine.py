@@ -1,0 +1,295 @@
+"""The decoding engine behind the server: a bounded queue of rows and one worker thread that decodes them.
+
+A *row* is one sequence to generate (one choice of one prompt). The worker takes the oldest waiting row,
+gathers every waiting row with the same batch-wide settings (up to `max_batch`), and decodes them together
+with `diffcoder.decoding.generate`. Rows leave a batch between blocks (EOS, stop string, max_tokens, or a
+client that went away); new rows join at the next batch. The asyncio side only queues rows and reads their
+output through a thread-safe `sink` callback.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from diffcoder.decoding import DecodeEvent, generate
+from diffcoder.errors import DiffcoderError
+from diffcoder.serving.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Settings that every row of a batch must share (the decoder runs them in lock step)."""
+
+    gen_length: int  # canvas length in tokens, a multiple of block_length
+    steps_per_block: int
+    block_length: int
+    threshold: float | None
+    remasking: str
+    temperature: float
+    shift: bool | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_block * (self.gen_length // self.block_length)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("the request queue is full")
+        self.retry_after = retry_after
+
+
+Sink = Callable[[str, Any], None]  # (kind, payload): 'delta' | 'commit' | 'final' | 'error'
+
+
+class Row:
+    """One sequence being generated: turns the decoder's block events into text deltas, stops at EOS, at
+    `max_tokens` or at the first stop string, and reports everything through `sink`."""
+
+    def __init__(self, prompt_ids: list[int], settings: DecodeSettings, max_tokens: int, stop: list[str],
+                 sink: Sink, tokenizer, eos_id: int | None, events: bool = False, seed: int | None = None) -> None:
+        self.prompt_ids = prompt_ids
+        self.settings = settings
+        self.max_tokens = max_tokens
+        self.stop = stop
+        self.sink = sink
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id
+        self.events = events
+        self.seed = seed
+        self.ids: list[int] = []  # generated ids kept for the answer (no EOS, cut at a stop string)
+        self.sent = ""  # text already handed to the sink
+        self.text = ""  # the answer so far (cut at a stop string)
+        self.finish_reason: str | None = None
+        self.cancelled = False  # set by the client side when the client goes away
+        self.finalized = False
+        self.commit_steps = 0
+        self.decoded = 0  # canvas slots the decoder has finished for this row (all blocks so far)
+
+    # -- text ------------------------------------------------------------------------------------------
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _held_back(self, text: str) -> int:
+        """Characters at the end of `text` not safe to send yet: a partial UTF-8 character, or a prefix of a
+        stop string that the next block may complete."""
+        hold = 0
+        if text.endswith("\ufffd"):
+            hold = len(text) - len(text.rstrip("\ufffd"))
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return hold
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.cancelled
+
+    def on_block(self, token_ids: list[int]) -> None:
+        self.decoded += len(token_ids)
+        if self.done:
+            return
+        before = len(self.ids)
+        for t in token_ids:
+            if t == self.eos_id:
+                self.finish_reason = "stop"
+                break
+            self.ids.append(t)
+            if len(self.ids) >= self.max_tokens:
+                self.finish_reason = "length"
+                break
+        text = self.decode(self.ids)
+        if self.stop:
+            hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                text = text[: min(hits)]
+                self.finish_reason = "stop"
+                # usage counts the tokens up to the one that completed the stop string
+                for k in range(before + 1, len(self.ids) + 1):
+                    if any(s in self.decode(self.ids[:k]) for s in self.stop):
+                        del self.ids[k:]
+                        break
+        self.text = text
+        safe = text if self.finish_reason else text[: len(text) - self._held_back(text)]
+        if len(safe) > len(self.sent) and safe.startswith(self.sent):
+            self.sink("delta", safe[len(self.sent):])
+            self.sent = safe
+
+    def on_commit(self, ev: DecodeEvent) -> None:
+        if not self.events or self.done:
+            return
+        self.commit_steps += 1
+        p = len(self.prompt_ids)
+        self.sink("commit", {
+            "block": ev.block,
+            "step": self.commit_steps,  # denoising steps of this row so far (1-based)
+            "positions": [q - p for q in ev.positions],  # relative to the first generated slot
+            "token_ids": ev.token_ids,
+            "tokens": [self.tokenizer.decode([t]) for t in ev.token_ids],
+        })
+
+    def finalize(self) -> None:
+        if self.finalized:
+            return
+        self.finalized = True
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled" if self.cancelled else "length"
+        tail = self.text[len(self.sent):] if self.text.startswith(self.sent) else ""
+        self.sent = self.text
+        # text held back (a possible stop-string prefix) rides on the final chunk
+        self.sink("final", {"text": self.text, "tail": tail, "finish_reason": self.finish_reason,
+                            "completion_tokens": len(self.ids), "prompt_tokens": len(self.prompt_ids)})
+
+
+class Engine:
+    """Owns the model; one worker thread decodes batches of rows taken from a bounded queue."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64,
+                 metrics: Metrics | None = None, mask_id: int | None = None, batch_wait: float = 0.02) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise DiffcoderError("--max-batch and --max-queue must be >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self.mask_id = mask_id
+        # An idle worker waits this long (seconds) for more rows before starting a batch: requests sent together
+        # arrive a few ms apart, and a batch cannot take new rows once it has started.
+        self.batch_wait = batch_wait
+        self.eos_id = getattr(tokenizer, "eos_token_id", None) or model.config.eos_token_id
+        self._pending: deque[Row] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._batch_seconds: deque[float] = deque(maxlen=20)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="diffcoder-decoder", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # -- queue -------------------------------------------------------------------------------------------
+    def _prune(self) -> None:
+        """Drop waiting rows whose clients went away (caller holds the lock)."""
+        if any(r.cancelled for r in self._pending):
+            gone = [r for r in self._pending if r.cancelled]
+            self._pending = deque(r for r in self._pending if not r.cancelled)
+            self.metrics.add("cancelled_rows", len(gone))
+            for r in gone:
+                r.finalize()
+        self.metrics.set("queue_depth", len(self._pending))
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained one batch (at least 1)."""
+        per_batch = sum(self._batch_seconds) / len(self._batch_seconds) if self._batch_seconds else 1.0
+        return max(1, math.ceil(per_batch * len(self._pending) / self.max_batch))
+
+    def submit(self, rows: list[Row]) -> None:
+        with self._cond:
+            self._prune()
+            if len(self._pending) + len(rows) > self.max_queue:
+                raise QueueFull(self.retry_after())
+            self._pending.extend(rows)
+            self.metrics.set("queue_depth", len(self._pending))
+            self._cond.notify()
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def wake(self) -> None:
+        """Let the worker prune cancelled rows now."""
+        with self._cond:
+            self._prune()
+
+    def _next_batch(self) -> list[Row] | None:
+        with self._cond:
+            while True:
+                self._prune()
+                if self._stopping:
+                    return None
+                if self._pending:
+                    break
+                self._cond.wait(timeout=0.5)
+                if self._pending and self.batch_wait > 0:  # woke from idle: let simultaneous requests gather
+                    deadline = time.monotonic() + self.batch_wait
+                    while len(self._pending) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                        self._cond.wait(timeout=left)
+            key = self._pending[0].settings
+            batch = [r for r in self._pending if r.settings == key][: self.max_batch]
+            taken = set(map(id, batch))
+            self._pending = deque(r for r in self._pending if id(r) not in taken)
+            self.metrics.set("queue_depth", len(self._pending))
+            return batch
+
+    # -- worker ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[Row]) -> None:
+        s = batch[0].settings
+        self.metrics.set("active_rows", len(batch))
+        self.metrics.add("prompt_tokens", sum(len(r.prompt_ids) for r in batch))
+        seed = batch[0].seed
+        gen = None
+        if s.temperature > 0:
+            gen = torch.Generator(device=self.model.device)
+            gen.manual_seed(seed if seed is not None else int(time.time_ns() % 2**63))
+
+        def on_event(ev: DecodeEvent) -> None:
+            row = batch[ev.row]
+            if ev.kind == "block":
+                row.on_block(ev.token_ids)
+            elif ev.kind == "commit":
+                row.on_commit(ev)
+            elif ev.kind == "done":
+                if row.cancelled and row.finish_reason is None and row.decoded < s.gen_length:
+                    self.metrics.add("cancelled_rows")  # dropped before its canvas was complete
+                row.finalize()
+                self.metrics.set("active_rows", sum(not r.finalized for r in batch))
+
+        def cancelled(i: int) -> bool:
+            return batch[i].done  # client gone, or the answer is complete (stop string, max_tokens)
+
+        t0 = time.perf_counter()
+        try:
+            result = generate(
+                self.model, [r.prompt_ids for r in batch], steps=s.steps, gen_length=s.gen_length,
+                block_length=s.block_length, temperature=s.temperature, remasking=s.remasking,
+                threshold=s.threshold, shift=s.shift, eos_id=self.eos_id, mask_id=self.mask_id,
+                tokenizer=self.tokenizer, on_event=on_event, cancelled=cancelled, generator=gen,
+                return_result=True,
+            )
+            self.metrics.observe_batch(len(batch), result.forwards, sum(len(r.ids) for r in batch), result.steps)
+        except Exception as exc:  # a failing batch answers its own rows and leaves the server running
+            status = 400 if isinstance(exc, DiffcoderError) else 500
+            for r in batch:
+                if not r.finalized:
+                    r.finalized = True
+                    r.sink("error", {"status": status, "message": f"decoding failed: {exc}"})
+        finally:
+            for r in batch:
+                r.finalize()
+            self._batch_seconds.append(time.perf_counter() - t0)
+            self.metrics.set("active_rows", 0)

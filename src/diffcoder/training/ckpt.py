@@ -1,0 +1,137 @@
+"""Training checkpoints: `OUT/checkpoints/step_NNNNNNN/` = a DESIGN §4 model directory (or a LoRA adapter
+directory) plus `trainer_state.pt` (optimizer, step, RNG and data position), published atomically.
+
+Write protocol (a kill at any moment leaves the last good checkpoint intact):
+1. everything goes into a hidden `.step_N.partial-PID` directory, files fsynced;
+2. one `os.replace` renames it to `step_N` (a new name, so nothing old is ever replaced in place);
+3. `latest` (a one-line pointer file) is rewritten by temp file + rename.
+On resume the newest complete `step_N` (the pointer, else a scan) wins; partial directories are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffcoder.errors import CheckpointError
+
+STATE_FILE = "trainer_state.pt"
+STEP_RE = re.compile(r"^step_(\d{7})$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def _fault_point(name: str) -> None:
+    """Fault injection for the kill-during-save test: DIFFCODER_KILL_AT=<name>:<n> SIGKILLs this process the
+    n-th time it passes here (a real, uncatchable kill in the middle of a checkpoint write)."""
+    spec = os.environ.get("DIFFCODER_KILL_AT", "")
+    if not spec.startswith(name + ":"):
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] == int(spec.split(":")[1]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_checkpoint(root: Path, step: int, write_model: Callable[[Path], None], state: dict[str, Any],
+                     keep: int, is_writer: bool = True, barrier: Callable[[], None] | None = None) -> Path:
+    """Publish step_N atomically. write_model(dir) writes the model files into dir (every rank may write there,
+    e.g. a distributed checkpoint); rank 0 (is_writer) writes the trainer state and does the renames."""
+    ckpts = root / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    final = ckpts / f"step_{step:07d}"
+    partial = ckpts / f".step_{step:07d}.partial"
+    if is_writer:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    if barrier:
+        barrier()
+    write_model(partial)
+    if is_writer:
+        torch.save(state, partial / STATE_FILE)
+        _fault_point("save-before-rename")
+        _fsync_tree(partial)
+    if barrier:
+        barrier()
+    if is_writer:
+        if final.exists():  # a re-run of the same step after a resume: the old one is as good, replace it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(ckpts)
+        _fault_point("save-after-rename")
+        tmp = ckpts / "latest.tmp"
+        tmp.write_text(final.name + "\n")
+        os.replace(tmp, ckpts / "latest")
+        _fsync_dir(ckpts)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if barrier:
+        barrier()
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    ckpts = root / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    return sorted(p for p in ckpts.iterdir() if STEP_RE.match(p.name) and (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint; leftovers of an interrupted write are removed."""
+    ckpts = root / "checkpoints"
+    if not ckpts.is_dir():
+        return None
+    for p in ckpts.iterdir():
+        if p.name.startswith(".step_") or p.name == "latest.tmp":
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    found = list_checkpoints(root)
+    pointer = ckpts / "latest"
+    if pointer.is_file():
+        named = ckpts / pointer.read_text().strip()
+        if named in found and named == found[-1]:
+            return named
+    return found[-1] if found else None
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a checkpoint that was published is complete; this means outside damage
+        raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable ({exc}); delete {ckpt} to resume from the "
+                              "previous checkpoint") from exc
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,259 @@
+"""Training configuration: a YAML recipe (sections below) plus `section.key=value` overrides, validated early.
+
+Recipes ship as package data in `diffcoder/configs/` (`diffcoder train cpt-small` finds `cpt-small.yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffcoder.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelSection:
+    path: str = "default"  # checkpoint dir, .gguf, or 'default' (the embedded default)
+    dtype: str = "float32"  # master weights; on GPU the forward runs under bf16 autocast (train.bf16)
+    block_size: int | None = None  # None: the checkpoint's
+    shift: bool | None = None  # None: the checkpoint's
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    kind: str = "cpt"  # cpt (packed rows) | sft (prompt/response pairs)
+    path: str = ""  # a directory from `diffcoder data build` / `diffcoder data sft`
+    seq_len: int = 512
+    min_eos: int = 1  # SFT: trailing EOS appended per sample, drawn uniformly in [min_eos, max_eos]
+    max_eos: int = 4
+
+
+@dataclass
+class ObjectiveSection:
+    kind: str = "diffusion"  # diffusion (DESIGN §3) | ar (plain next-token, the baseline)
+    warmup_steps: int = 0  # S_warmup: u_max ramps from u_init to 1 with unit weights
+    u_init: float = 1e-3
+    antithetic: bool = False  # stratified t draws over the batch
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0  # linear LR warmup
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping (the pre-clip norm is logged either way)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = True  # autocast on CUDA; ignored on CPU
+    out_dir: str = "runs/train"
+    log_every: int = 1
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    eval_t_points: int = 4  # fixed grid of t for the held-out NELBO
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _section_type(name: str):
+    return {"model": ModelSection, "data": DataSection, "objective": ObjectiveSection, "optim": OptimSection,
+            "train": TrainSection, "lora": LoraSection}[name]
+
+
+def _unknown(key: str, candidates: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(candidates)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if "list" in annotation:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if annotation.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation.startswith("float"):
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation.startswith("str"):
+        return str(value)
+    return value
+
+
+def from_dict(d: dict[str, Any]) -> TrainConfig:
+    cfg = TrainConfig()
+    sections = [f.name for f in fields(TrainConfig)]
+    for sname, body in (d or {}).items():
+        if sname not in sections:
+            raise _unknown(sname, sections)
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section {sname!r} must be a mapping of keys to values")
+        sec = getattr(cfg, sname)
+        names = {f.name: f for f in fields(sec)}
+        for k, v in body.items():
+            if k not in names:
+                raise _unknown(f"{sname}.{k}", [f"{sname}.{n}" for n in names])
+            f = names[k]
+            setattr(sec, k, _coerce(f"{sname}.{k}", v, f.default, str(f.type)))
+    return cfg
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`section.key=value` strings (value parsed as YAML: 3, 1e-4, true, [a, b])."""
+    keys = [f"{s}.{f.name}" for s in ("model", "data", "objective", "optim", "train", "lora")
+            for f in fields(_section_type(s))]
+    d = {k: dict(v or {}) for k, v in (d or {}).items()}
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not key=value (e.g. train.steps=200)")
+        key, raw = ov.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            raise _unknown(key, keys)
+        sec, name = key.split(".", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        d.setdefault(sec, {})[name] = value
+    return d
+
+
+def find_recipe(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a shipped recipe; shipped: {', '.join(names)}")
+
+
+def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    d: dict[str, Any] = {}
+    if name_or_path:
+        path = find_recipe(name_or_path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} must be a mapping of sections (model, data, objective, optim, train, lora)")
+    cfg = from_dict(apply_overrides(d, overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig, block_size: int | None = None) -> None:
+    """Values that cannot work, caught before any model is loaded (block_size: the model's, once known)."""
+    c = cfg
+    if c.data.kind not in ("cpt", "sft"):
+        raise ConfigError(f"data.kind must be 'cpt' or 'sft', got {c.data.kind!r}")
+    if c.objective.kind not in ("diffusion", "ar"):
+        raise ConfigError(f"objective.kind must be 'diffusion' or 'ar', got {c.objective.kind!r}")
+    if not c.data.path:
+        raise ConfigError("data.path is empty; build data with `diffcoder data build` and set data.path=DIR")
+    if c.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len must be >= 2, got {c.data.seq_len}")
+    B = c.model.block_size if c.model.block_size is not None else block_size
+    if B is not None:
+        if B < 1:
+            raise ConfigError(f"model.block_size must be >= 1, got {B}")
+        if c.data.seq_len % B:
+            raise ConfigError(f"block size {B} does not divide data.seq_len {c.data.seq_len}; choose a seq_len that "
+                              f"is a multiple of {B} (e.g. {c.data.seq_len - c.data.seq_len % B or B})")
+    if not 0 < c.objective.u_init <= 1:
+        raise ConfigError(f"objective.u_init must be in (0, 1], got {c.objective.u_init}")
+    if c.objective.warmup_steps < 0:
+        raise ConfigError(f"objective.warmup_steps must be >= 0, got {c.objective.warmup_steps}")
+    if not 1 <= c.data.min_eos <= c.data.max_eos:
+        raise ConfigError(f"need 1 <= data.min_eos <= data.max_eos, got {c.data.min_eos}..{c.data.max_eos}")
+    for k in ("steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches", "eval_t_points",
+              "keep_checkpoints"):
+        if getattr(c.train, k) < 1:
+            raise ConfigError(f"train.{k} must be >= 1, got {getattr(c.train, k)}")
+    if c.train.device not in ("auto", "cpu", "cuda") and not c.train.device.startswith("cuda:"):
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {c.train.device!r}")
+    if c.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {c.optim.lr}")
+    if not 0 <= c.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {c.optim.min_lr_ratio}")
+    if c.lora.enabled:
+        if c.lora.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {c.lora.rank}")
+        bad = [t for t in c.lora.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ConfigError(f"unknown lora.targets {bad}; choose from {LORA_TARGETS}")
+    from diffcoder import DTYPES
+
+    if c.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype {c.model.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def replace(cfg: TrainConfig, **sections: dict[str, Any]) -> TrainConfig:
+    """A copy with some keys of some sections changed (tests and benchmarks)."""
+    new = from_dict(cfg.to_dict())
+    for sname, kv in sections.items():
+        setattr(new, sname, dataclasses.replace(getattr(new, sname), **kv))
+    return new

@@ -1,0 +1,527 @@
+"""The training loop: block-diffusion CPT or SFT (DESIGN §3) from a config, on one process or under torchrun
+(FSDP2). Checkpoints, logs and evaluation live in their own modules; this file wires them together.
+
+Reproducibility: the rows of step s are global draws [s*G, (s+1)*G) (G = micro batch x accumulation x ranks)
+and the noise of step s comes from a generator seeded with (seed, s) over the whole global batch, which is then
+split over ranks and micro-batches. So a resumed run, a 4x1 vs 1x4 accumulation split and a 2-rank vs 1-rank run
+all see the same tokens and the same masks; the loss is normalised by the global batch's eligible-token count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffcoder import resolve_dtype
+from diffcoder.errors import CheckpointError, ConfigError
+from diffcoder.model import block_causal_mask
+from diffcoder.training import ckpt as ckptlib
+from diffcoder.training.config import TrainConfig, validate
+from diffcoder.training.objective import (
+    ar_loss_sum,
+    diffusion_loss_sum,
+    eval_time_grid,
+    flex_training_mask,
+    forward_diffusion,
+    sample_block_noise,
+    shift_eligible,
+    training_block_mask,
+    warmup_cap,
+)
+
+# Config keys a resumed run may change (cadence and length); anything else means "another run".
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.eval_batches",
+                     "train.keep_checkpoints", "train.device", "model.path"}
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio at the last step."""
+    o, total = cfg.optim, cfg.train.steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    span = max(1, total - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def noise_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + salt)
+
+
+def config_hash(d: dict[str, Any]) -> str:
+    keep = {s: {k: v for k, v in body.items() if f"{s}.{k}" not in RESUMABLE_CHANGES} for s, body in d.items()}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    out = []
+    for s in sorted(set(a) | set(b)):
+        for k in sorted(set(a.get(s, {})) | set(b.get(s, {}))):
+            key = f"{s}.{k}"
+            if key not in RESUMABLE_CHANGES and a.get(s, {}).get(k) != b.get(s, {}).get(k):
+                out.append(f"{key}: {a.get(s, {}).get(k)!r} -> {b.get(s, {}).get(k)!r}")
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False):
+        self.cfg, self.resume, self.quiet = cfg, resume, quiet
+        dev = cfg.train.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("train.device is cuda but no GPU is visible; set train.device=cpu")
+        self.dist = setup_distributed("cuda" if dev.startswith("cuda") else "cpu")
+        if dev == "cuda":
+            dev = f"cuda:{self.dist.local_rank}"
+            torch.cuda.set_device(dev)
+        self.device = torch.device(dev)
+        self.out = Path(cfg.train.out_dir)
+        self._seed_everything(cfg.train.seed)
+        self._build_model()
+        self._build_data()
+        self._build_optimizer()
+        self.step = 0
+        self._prepare_out_dir()
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _build_model(self) -> None:
+        from diffcoder.training.modelio import load_start_model, resolve_model_path
+
+        c = self.cfg
+        self.base_path = resolve_model_path(c.model.path)
+        model, tok = load_start_model(str(self.base_path), dtype=resolve_dtype(c.model.dtype), device="cpu")
+        if c.model.block_size is not None:
+            model.config.block_size = c.model.block_size
+        if c.model.shift is not None:
+            model.config.shift = c.model.shift
+        validate(c, block_size=model.config.block_size)
+        model.config.extra.pop("diffusion_trained", None)
+        self.block_size, self.shift = model.config.block_size, model.config.shift
+        self.mask_id = model.config.mask_token_id
+        if c.objective.kind == "diffusion" and self.mask_id is None:
+            raise ConfigError("the model has no mask token; set model.path to a diffusion-ready checkpoint")
+        self.tokenizer = tok
+        if c.lora.enabled:
+            from diffcoder.training.lora import apply_lora
+
+            if self.dist.enabled:
+                raise ConfigError("LoRA under torchrun/FSDP is not supported yet; run LoRA on one process")
+            apply_lora(model, c.lora, train_mask_row=self.mask_id)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        model.gradient_checkpointing = c.model.gradient_checkpointing
+        model.to(self.device).train()
+        if self.dist.enabled:
+            from diffcoder.training.distributed import shard_model
+
+            shard_model(model)
+        self.model = model
+
+    def _build_data(self) -> None:
+        from diffcoder.training.data import PackedRows, SFTRows
+        from diffcoder.training.modelio import check_vocab
+
+        c = self.cfg
+        if c.data.kind == "cpt":
+            self.train_rows = PackedRows(c.data.path, "train", c.data.seq_len, seed=c.train.seed)
+            try:
+                self.val_rows = PackedRows(c.data.path, "val", c.data.seq_len, seed=c.train.seed)
+            except Exception:
+                self.val_rows = None
+        else:
+            pad = self.model.config.pad_token_id
+            pad = pad if pad is not None else self.model.config.eos_token_id or 0
+            kw = dict(seed=c.train.seed, min_eos=c.data.min_eos, max_eos=c.data.max_eos, pad_id=pad)
+            self.train_rows = SFTRows(c.data.path, "train", c.data.seq_len, **kw)
+            try:
+                self.val_rows = SFTRows(c.data.path, "val", c.data.seq_len, **kw)
+            except Exception:
+                self.val_rows = None
+        check_vocab(self.model, self.train_rows.index, self.tokenizer)
+
+    def _build_optimizer(self) -> None:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "embed" in n or "norm" in n else decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2),
+                                     eps=o.eps, foreach=False)
+        self.trainable = [p for g in groups for p in g["params"]]
+
+    def _prepare_out_dir(self) -> None:
+        cfgd = self.cfg.to_dict()
+        run_file = self.out / "run.json"
+        latest = ckptlib.latest_checkpoint(self.out) if self.dist.rank == 0 else None
+        if self.dist.enabled:
+            obj = [str(latest) if latest else None]
+            torch.distributed.broadcast_object_list(obj, src=0)
+            latest = Path(obj[0]) if obj[0] else None
+        if run_file.is_file():
+            prev = json.loads(run_file.read_text())
+            if not self.resume and latest is not None:
+                raise CheckpointError(
+                    f"{self.out} already holds checkpoints of a run; pass --resume to continue it, or set "
+                    "train.out_dir to a new directory")
+            if self.resume and prev.get("config_hash") != config_hash(cfgd):
+                diff = config_diff(prev.get("config", {}), cfgd)
+                raise CheckpointError(
+                    f"{self.out} holds a different run (config differs in: {'; '.join(diff) or '?'}); resume it "
+                    "with its own config, or set train.out_dir to a new directory")
+        self.run_id = config_hash(cfgd)
+        if self.dist.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckptlib.write_json_atomic(run_file, {"config": cfgd, "config_hash": self.run_id})
+        if self.resume and latest is not None:
+            self._load_checkpoint(latest)
+        elif self.dist.rank == 0 and (self.out / "log.jsonl").exists():
+            (self.out / "log.jsonl").unlink()  # a fresh start (nothing was checkpointed) starts a fresh log
+        self.dist.barrier()
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "run_id": self.run_id,
+            "config": self.cfg.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "data_position": self.step * self.global_batch,
+            "optimizer": None if self.dist.enabled else self.opt.state_dict(),
+        }
+
+    @property
+    def global_batch(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum * self.dist.world
+
+    def save(self) -> Path:
+        def write_model(d: Path) -> None:
+            if self.dist.enabled:
+                from diffcoder.training.distributed import save_distributed
+
+                save_distributed(self, d)
+            elif self.cfg.lora.enabled:
+                from diffcoder.training.lora import save_adapter
+
+                save_adapter(self.model, d, self.base_path, self.tokenizer)
+            else:
+                write_hf_dir(self.model, d, self.tokenizer, self.cfg.objective.kind == "diffusion")
+
+        return ckptlib.write_checkpoint(self.out, self.step, write_model, self._trainer_state(),
+                                        keep=self.cfg.train.keep_checkpoints, is_writer=self.dist.rank == 0,
+                                        barrier=self.dist.barrier)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = ckptlib.load_state(path)
+        if state.get("run_id") != self.run_id:
+            raise CheckpointError(f"{path} was written by another run (run id {state.get('run_id')} vs "
+                                  f"{self.run_id}); set train.out_dir to a new directory")
+        if self.dist.enabled:
+            from diffcoder.training.distributed import load_distributed
+
+            load_distributed(self, path)
+        elif self.cfg.lora.enabled:
+            from diffcoder.training.lora import load_adapter_weights
+
+            load_adapter_weights(self.model, path)
+        else:
+            load_model_weights(self.model, path)
+        if state["optimizer"] is not None:
+            self.opt.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = state["step"]
+        if self.dist.rank == 0:  # drop log lines of steps the killed run did after this checkpoint
+            log = self.out / "log.jsonl"
+            if log.exists():
+                keep = [ln for ln in log.read_text().splitlines() if ln.strip() and _before(json.loads(ln), self.step)]
+                tmp = log.with_suffix(".tmp")
+                tmp.write_text("".join(x + "\n" for x in keep))
+                os.replace(tmp, log)
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------------------------------- the step
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.cfg.train.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def attn_mask(self, seq_len: int):
+        if self.device.type == "cuda":
+            return flex_training_mask(seq_len, self.block_size, self.device)
+        return training_block_mask(seq_len, self.block_size, self.device)[None, None]
+
+    def global_batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0 [G, L], eligible [G, L]) of a step, identical whatever the micro-batch/rank split."""
+        got = self.train_rows.batch(step * self.global_batch, self.global_batch)
+        if isinstance(got, tuple):
+            return got
+        return got, torch.ones_like(got, dtype=torch.bool)
+
+    def train_step(self) -> dict[str, Any]:
+        c = self.cfg
+        t0 = time.perf_counter()
+        x0, elig = self.global_batch_at(self.step)
+        diffusion = c.objective.kind == "diffusion"
+        u_max = warmup_cap(self.step, c.objective.warmup_steps, c.objective.u_init) if diffusion else 1.0
+        weighted = self.step >= c.objective.warmup_steps
+        if diffusion:
+            elig = shift_eligible(elig, self.shift)
+            noise = sample_block_noise(elig, self.block_size, u_max=u_max, weighted=weighted,
+                                       generator=noise_generator(c.train.seed, self.step),
+                                       antithetic=c.objective.antithetic)
+            count = int(elig.sum())
+        else:
+            noise = None
+            count = int(elig[:, 1:].sum())
+        count = max(count, 1)
+        # this rank's slice of the global batch, then micro-batches
+        per_rank = c.train.micro_batch_size * c.train.grad_accum
+        lo = self.dist.rank * per_rank
+        mb = c.train.micro_batch_size
+        total = torch.zeros((), dtype=torch.float64)
+        for lr_group in self.opt.param_groups:
+            lr_group["lr"] = lr_at(self.step, c)
+        for a in range(c.train.grad_accum):
+            sl = slice(lo + a * mb, lo + (a + 1) * mb)
+            xb = x0[sl].to(self.device)
+            with self.autocast():
+                if diffusion:
+                    nb = _slice_noise(noise, sl, self.device)
+                    logits = forward_diffusion(self.model, xb, nb, self.block_size, self.mask_id,
+                                               attn_mask=self.attn_mask(xb.shape[1]),
+                                               # FSDP: the root forward must run (it gathers the head)
+                                               noisy_only=not self.shift and not self.dist.enabled)
+                    loss_sum = diffusion_loss_sum(logits, xb, nb, self.block_size, self.shift)
+                else:
+                    pos = torch.arange(xb.shape[1], device=self.device)
+                    logits = self.model(xb, attn_mask=block_causal_mask(pos, pos, 1)[None, None])
+                    loss_sum = ar_loss_sum(logits, xb, elig[sl].to(self.device))
+            # x world: FSDP averages gradients over ranks, the NELBO wants their sum over the global batch
+            loss = loss_sum / count * self.dist.world
+            loss.backward()
+            total += loss_sum.detach().double().cpu() / count
+        if self.dist.enabled:
+            torch.distributed.all_reduce(total)
+        grad_norm = self._clip()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.step += 1
+        rec = {"kind": "train", "step": self.step - 1, "loss": float(total), "grad_norm": grad_norm,
+               "lr": self.opt.param_groups[0]["lr"], "u_max": u_max, "weighted": weighted,
+               "mask_ratio": float(noise.masked.sum()) / count if noise is not None else 0.0,
+               "tokens_per_s": x0.numel() / dt, "step_time_s": dt}
+        return rec
+
+    def _clip(self) -> float:
+        clip = self.cfg.optim.grad_clip
+        params = [p for p in self.trainable if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=False)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out diffusion NELBO on a fixed grid of t (same masks every time) and the AR NLL.
+
+        The rows (eval_batches global batches) and their masks do not depend on the micro-batch/rank split."""
+        if self.val_rows is None:
+            return {}
+        c = self.cfg
+        self.model.eval()
+        got = list(self.val_rows.sequential(self.global_batch, c.train.eval_batches * self.global_batch))
+        if isinstance(got[0], tuple):
+            x0, elig = torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
+        else:
+            x0 = torch.cat(got)
+            elig = torch.ones_like(x0, dtype=torch.bool)
+        mb = c.train.micro_batch_size
+        chunks = [slice(a, a + mb) for a in range(0, x0.shape[0], mb)]
+        out: dict[str, Any] = {"kind": "eval", "step": self.step}
+        with self.autocast():
+            if self.mask_id is not None:
+                e = shift_eligible(elig, self.shift)
+                grid = eval_time_grid(c.train.eval_t_points)
+                nelbo = 0.0
+                for j, t in enumerate(grid):
+                    noise = sample_block_noise(e, self.block_size, generator=noise_generator(12345, j),
+                                               t=torch.full((x0.shape[0], x0.shape[1] // self.block_size), t))
+                    for sl in chunks:
+                        xb, nb = x0[sl].to(self.device), _slice_noise(noise, sl, self.device)
+                        logits = forward_diffusion(self.model, xb, nb, self.block_size, self.mask_id,
+                                                   attn_mask=self.attn_mask(xb.shape[1]),
+                                               # FSDP: the root forward must run (it gathers the head)
+                                               noisy_only=not self.shift and not self.dist.enabled)
+                        nelbo += float(diffusion_loss_sum(logits, xb, nb, self.block_size, self.shift))
+                out["eval_nelbo"] = nelbo / len(grid) / max(int(e.sum()), 1)
+            ar = 0.0
+            pos = torch.arange(x0.shape[1], device=self.device)
+            causal = block_causal_mask(pos, pos, 1)[None, None]
+            for sl in chunks:
+                xb = x0[sl].to(self.device)
+                ar += float(ar_loss_sum(self.model(xb, attn_mask=causal), xb, elig[sl].to(self.device)))
+            out["eval_ar_nll"] = ar / max(int(elig[:, 1:].sum()), 1)
+        self.model.train()
+        return out
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    def log(self, msg: str) -> None:
+        if self.dist.rank == 0 and not self.quiet:
+            tqdm.write(msg, file=sys.stderr)
+
+    def write_log(self, rec: dict[str, Any]) -> None:
+        if self.dist.rank == 0:
+            with open(self.out / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    def run(self) -> dict[str, Any]:
+        c = self.cfg.train
+        last: dict[str, Any] = {}
+        bar = tqdm(total=c.steps, initial=self.step, desc="training", unit="step", file=sys.stderr,
+                   disable=self.dist.rank != 0 or self.quiet)
+        if self.step == 0 and c.eval_every:  # the start point's held-out numbers, for before/after
+            ev = self.evaluate()
+            if ev:
+                self.write_log(ev)
+        while self.step < c.steps:
+            rec = self.train_step()
+            last = rec
+            if rec["step"] % c.log_every == 0 or self.step == c.steps:
+                self.write_log(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", gnorm=f"{rec['grad_norm']:.2f}", u_max=f"{rec['u_max']:.2f}")
+            if not math.isfinite(rec["loss"]):
+                raise ConfigError(f"loss became {rec['loss']} at step {rec['step']}; lower optim.lr or enable "
+                                  "objective.warmup_steps")
+            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+                ev = self.evaluate()
+                if ev:
+                    self.write_log(ev)
+            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                self.save()
+        bar.close()
+        ev = self.evaluate()
+        if ev:
+            self.write_log(ev)
+        final = self.save()
+        if self.dist.rank == 0:  # the exported model replaces any old one in a single rename
+            from diffcoder.checkpoint import atomic_directory
+
+            atomic_directory(self.out / "final", lambda tmp: shutil.copytree(
+                final, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ckptlib.STATE_FILE, "dcp")))
+        self.dist.barrier()
+        return {"last": last, "eval": ev, "checkpoint": str(final), "final": str(self.out / "final")}
+
+
+def _before(rec: dict[str, Any], step: int) -> bool:
+    """Log records made before the checkpoint at `step` (train record k is the k-th step; eval at k after it)."""
+    return rec["step"] < step if rec.get("kind") == "train" else rec["step"] <= step
+
+
+def _slice_noise(noise, sl, device):
+    from diffcoder.training.objective import BlockNoise
+
+    return BlockNoise(masked=noise.masked[sl].to(device), weight=noise.weight[sl].to(device),
+                      t=noise.t[sl].to(device), rate=noise.rate[sl].to(device))
+
+
+def write_hf_dir(model, dest: Path, tokenizer=None, diffusion_trained: bool = True) -> None:
+    """The DESIGN §4 files of `model` written into an existing directory. A diffusion-trained model decodes by
+    default with the block size and shift it was trained for (a converted AR start point defaulted to exact AR)."""
+    from diffcoder.checkpoint import save_checkpoint
+
+    defaults = None
+    if diffusion_trained:
+        model.config.extra["diffusion_trained"] = True
+        defaults = {"block_length": model.config.block_size, "shift": model.config.shift}
+    tmp = dest / ".hf"
+    save_checkpoint(model, tmp, tokenizer=tokenizer, generation_defaults=defaults)
+    for f in tmp.iterdir():
+        os.replace(f, dest / f.name)
+    tmp.rmdir()
+
+
+def load_model_weights(model, ckpt: Path) -> None:
+    from diffcoder.checkpoint import read_weights, weight_files
+
+    state = read_weights(weight_files(ckpt))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (model.config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+                              "; it was written by another run")
+
+
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    trainer = Trainer(cfg, resume=resume, quiet=quiet)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.dist.enabled:
+            # every rank passes a barrier before teardown: without it gloo runs abort at exit now and then
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
