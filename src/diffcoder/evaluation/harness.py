@@ -130,7 +130,7 @@ class _Decoder:
         self.forwards = 0
 
     def _count(self, *_args) -> None:
-        self.forwards += 1
+        self.forwards += 1  # a fallback for decoders whose events carry no forward count
 
     def __call__(self, prompts: list[list[int]], tasks: list[Task], generator: torch.Generator | None):
         from diffcoder import decoding
@@ -153,7 +153,8 @@ class _Decoder:
                 elif "`" in piece:
                     stopped[ev.row] = has_complete_block(texts[ev.row], task.entry_point)
             elif ev.kind == "done":
-                done_at[ev.row] = self.forwards - start
+                # the decoder reports the batch's forwards so far (what this row cost); older decoders did not
+                done_at[ev.row] = getattr(ev, "forwards", 0) or self.forwards - start
 
         kw = dict(self.cfg.decoding)
         hook = self.model.register_forward_hook(self._count)
@@ -161,7 +162,7 @@ class _Decoder:
             res = self._decode(decoding, kw, prompts, on_event, stopped, generator)
         finally:
             hook.remove()
-        batch_forwards = self.forwards - start
+        batch_forwards = res.forwards
         rows = []
         eos = self._eos()
         for i, g in enumerate(res.generated):
