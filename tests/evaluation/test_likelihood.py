@@ -134,3 +134,15 @@ def test_evaluate_likelihood_is_reproducible():
     a = evaluate_likelihood(model, rows, t_points=3, batch_size=2, seed=11, progress=False)
     b = evaluate_likelihood(model, rows, t_points=3, batch_size=2, seed=11, progress=False)
     assert a == b
+
+
+def test_token_sequences_from_a_training_shard_folder(tmp_path):
+    data = pytest.importorskip("diffcoder.training.data")
+    tok = tiny_tokenizer()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"m{i}.py").write_text(f"def f{i}(a, b):\n    return a + b * {i}\n" * 6)
+    data.build_corpus([str(src)], tok, tmp_path / "shards", val_fraction=0.5)
+    rows = load_token_sequences(tmp_path / "shards", tok, seq_len=16, max_tokens=256)
+    assert rows.shape[1] == 16 and 1 <= rows.shape[0] <= 16 and rows.dtype == torch.long
