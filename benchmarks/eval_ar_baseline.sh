@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-benchmarks/runs}
 shift || true
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH=${PYTHONPATH:-src}
-PY=${PYTHON:-/work/venv/bin/python}
+PY=${PYTHON:-.venv/bin/python}  # the venv scripts/setup.sh makes
 for bench in humaneval mbpp; do
   for style in base instruct; do
     "$PY" -m diffcoder.cli eval "$bench" --ar --prompt-style "$style" --batch-size 8 --max-new-tokens 384 \
