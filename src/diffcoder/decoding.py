@@ -111,6 +111,13 @@ class GenerationResult:
     def generated_tokens(self) -> int:
         return sum(len(g) for g in self.generated)
 
+    def padded(self, pad_id: int, device=None) -> torch.Tensor:
+        """[N, L] ids, rows right-padded with pad_id (the EOS id, so a padded row still reads as stopped)."""
+        out = torch.full((len(self.sequences), max(len(x) for x in self.sequences)), pad_id, dtype=torch.long)
+        for i, x in enumerate(self.sequences):
+            out[i, : len(x)] = x
+        return out.to(device) if device is not None else out
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Argument handling
@@ -252,14 +259,8 @@ def generate(
                      eos_id, mask_id, on_event, cancelled, generator)
     if max_new_tokens is not None:
         result.sequences = [s[: p + max_new_tokens] for s, p in zip(result.sequences, result.prompt_lengths)]
-    if return_result:
-        return result
-    pad = eos_id if eos_id is not None else (cfg.pad_token_id or 0)
-    width = max(len(s) for s in result.sequences)
-    out = torch.full((len(prompts), width), pad, dtype=torch.long)
-    for i, s in enumerate(result.sequences):
-        out[i, : len(s)] = s
-    return out.to(model.device)
+    return result if return_result else result.padded(eos_id if eos_id is not None else (cfg.pad_token_id or 0),
+                                                      model.device)
 
 
 def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, threshold, eos_id, mask_id,
@@ -445,10 +446,4 @@ def generate_ar(
         sequences=[active.finished[i] for i in range(N)], prompt_lengths=[len(p) for p in prompts],
         forwards=forwards, steps=sum(len(active.finished[i]) - len(p) for i, p in enumerate(prompts)),
     )
-    if return_result:
-        return result
-    pad = eos_id if eos_id is not None else 0
-    out = torch.full((N, max(len(x) for x in result.sequences)), pad, dtype=torch.long)
-    for i, x in enumerate(result.sequences):
-        out[i, : len(x)] = x
-    return out.to(device)
+    return result if return_result else result.padded(eos_id if eos_id is not None else 0, device)

@@ -72,20 +72,25 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def _iter_jsonl(path: Path, field: str) -> Iterator[Document]:
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for each non-blank line; a bad line is an error naming it."""
     with open(path, encoding="utf-8") as fh:
         for i, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield i, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DiffcoderError(f"{path}:{i} is not valid JSON ({exc}); fix or drop that line") from exc
-            if field not in rec:
-                raise DiffcoderError(
-                    f"{path}:{i} has no {field!r} field (keys: {sorted(rec)[:8]}); pass --text-field NAME"
-                )
-            yield Document(f"{path}:{i}", str(rec[field]))
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[Document]:
+    for i, rec in _read_jsonl(path):
+        if field not in rec:
+            raise DiffcoderError(
+                f"{path}:{i} has no {field!r} field (keys: {sorted(rec)[:8]}); pass --text-field NAME"
+            )
+        yield Document(f"{path}:{i}", str(rec[field]))
 
 
 def _iter_parquet(path: Path, field: str) -> Iterator[Document]:
@@ -461,18 +466,11 @@ def build_sft(
 
 
 def _iter_jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DiffcoderError(f"{path}:{i} is not valid JSON ({exc}); fix or drop that line") from exc
-            if not isinstance(rec.get("messages"), list):
-                raise DiffcoderError(f"{path}:{i} has no `messages` list; SFT lines look like "
-                                     '{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}')
-            yield rec
+    for i, rec in _read_jsonl(path):
+        if not isinstance(rec.get("messages"), list):
+            raise DiffcoderError(f"{path}:{i} has no `messages` list; SFT lines look like "
+                                 '{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}')
+        yield rec
 
 
 class SFTRows:
