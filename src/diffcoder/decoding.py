@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from diffcoder.errors import DecodingError
-from diffcoder.model import DiffusionLM
+from diffcoder.model import DiffusionLM, block_causal_mask
 
 # ---------------------------------------------------------------------------------------------------------
 # The rule (pure functions)
@@ -138,6 +138,33 @@ def _nearest_multiples(value: int, of: int) -> str:
     return " or ".join(str(c) for c in dict.fromkeys((lo, lo + of)) if c >= of)
 
 
+def check_prompt_fits(prompt_len: int, new_tokens: int, max_positions: int, what: str) -> None:
+    """A prompt must be non-empty, and prompt + generation must fit the model's positions."""
+    if prompt_len < 1:
+        raise DecodingError("the prompt is empty: give at least one token (e.g. the BOS token)")
+    if prompt_len + new_tokens > max_positions:
+        raise DecodingError(
+            f"prompt ({prompt_len} tokens) + {what} ({new_tokens}) exceeds the model's "
+            f"{max_positions} positions; shorten the prompt or lower gen_length/max_new_tokens"
+        )
+
+
+def stop_token(eos_id: int | None, default: int | None) -> int | None:
+    """The EOS id to stop at: the given one, the default when None, no stop at all for -1."""
+    if eos_id is None:
+        return default
+    return None if eos_id < 0 else eos_id
+
+
+def canvas_attention_mask(
+    q_cols: torch.Tensor, k_cols: torch.Tensor, valid: torch.Tensor, block: int
+) -> torch.Tensor:
+    """Bool [rows, 1, q, k]: block-causal over canvas columns, only real (valid) keys; padding queries see
+    themselves so no row of the softmax is empty. Columns equal positions up to a per-row multiple of `block`."""
+    mask = block_causal_mask(q_cols, k_cols, block)[None] & valid[:, None, : len(k_cols)]
+    return (mask | (q_cols[:, None] == k_cols[None, :])[None])[:, None]
+
+
 def validate(prompt_len: int, gen_length: int, steps: int, block: int, max_positions: int) -> int:
     """Check the official code's constraints; return S, the steps per block."""
     if block < 1:
@@ -153,13 +180,7 @@ def validate(prompt_len: int, gen_length: int, steps: int, block: int, max_posit
             f"steps ({steps}) must be a positive multiple of gen_length // block_length ({n_blocks}) so every "
             f"block gets the same number of steps; try steps={_nearest_multiples(steps, n_blocks)}"
         )
-    if prompt_len < 1:
-        raise DecodingError("the prompt is empty: give at least one token (e.g. the BOS token)")
-    if prompt_len + gen_length > max_positions:
-        raise DecodingError(
-            f"prompt ({prompt_len} tokens) + gen_length ({gen_length}) exceeds the model's "
-            f"{max_positions} positions; shorten the prompt or lower gen_length/max_new_tokens"
-        )
+    check_prompt_fits(prompt_len, gen_length, max_positions, "gen_length")
     return steps // n_blocks
 
 
@@ -231,10 +252,7 @@ def generate(
             "this checkpoint has no mask token, so it cannot be decoded by diffusion; "
             "run `diffcoder convert` on it first (it adds one), or pass mask_id="
         )
-    if eos_id is None:
-        eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else cfg.eos_token_id
-    elif eos_id < 0:
-        eos_id = None  # -1: never stop early
+    eos_id = stop_token(eos_id, tokenizer.eos_token_id if tokenizer is not None else cfg.eos_token_id)
     if temperature < 0:
         raise DecodingError(f"temperature must be >= 0, got {temperature}")
     if threshold is not None and not 0.0 < threshold <= 1.0:
@@ -305,10 +323,8 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
                 step += 1  # a step that commits nothing is skipped, as in the official loop
                 continue
             start = committed  # first step of a block also writes the previous block's clean keys
-            q_cols = torch.arange(start, e, device=device)
-            k_cols = torch.arange(0, e, device=device)
-            attn = (k_cols[None, :] // B <= q_cols[:, None] // B)[None] & valid[:, None, :e]
-            attn = (attn | (q_cols[:, None] == k_cols[None, :])[None])[:, None]  # pad queries see themselves
+            q_cols, k_cols = torch.arange(start, e, device=device), torch.arange(e, device=device)
+            attn = canvas_attention_mask(q_cols, k_cols, valid, B)
             hidden = model.hidden_states(canvas[:, start:e], positions[:, start:e], attn, cache, start)
             forwards += 1
             if start < s:
@@ -386,21 +402,12 @@ def generate_ar(
     Same inputs and outputs as `generate`; rows are left-padded so every row's next token sits in one column."""
     cfg = model.config
     device = model.device
-    if eos_id is None:
-        eos_id = cfg.eos_token_id
-    elif eos_id < 0:
-        eos_id = None
+    eos_id = stop_token(eos_id, cfg.eos_token_id)
     if max_new_tokens < 1:
         raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = _prompts_from(input_ids, attention_mask)
     for p in prompts:
-        if len(p) < 1:
-            raise DecodingError("the prompt is empty: give at least one token (e.g. the BOS token)")
-        if len(p) + max_new_tokens > cfg.max_position_embeddings:
-            raise DecodingError(
-                f"prompt ({len(p)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                f"{cfg.max_position_embeddings} positions; shorten the prompt or lower max_new_tokens"
-            )
+        check_prompt_fits(len(p), max_new_tokens, cfg.max_position_embeddings, "max_new_tokens")
     N = len(prompts)
     lens = torch.tensor([len(p) for p in prompts])
     P = int(lens.max())
@@ -417,8 +424,7 @@ def generate_ar(
     active = _ActiveRows(N, on_event, cancelled)
     rows = active.rows
     q = torch.arange(P, device=device)
-    attn = (q[None, :] <= q[:, None])[None] & valid[:, None, :P]
-    attn = (attn | torch.eye(P, dtype=torch.bool, device=device)[None])[:, None]
+    attn = canvas_attention_mask(q, q, valid, 1)
     logits = model.lm_head(model.hidden_states(canvas[:, :P], positions[:, :P], attn, cache, 0)[:, -1])
     forwards = 1
     for t in range(max_new_tokens):
