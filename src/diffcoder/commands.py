@@ -33,10 +33,10 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
 
 def decoding_kwargs(args: argparse.Namespace, defaults: dict) -> dict:
     """Merge CLI flags over the checkpoint's generation defaults."""
-    kw = {k: v for k, v in defaults.items() if k in ("steps", "gen_length", "block_length", "threshold",
-                                                     "remasking", "temperature", "shift")}
-    for name in ("steps", "gen_length", "block_length", "temperature", "remasking", "threshold", "shift",
-                 "max_new_tokens"):
+    from diffcoder.checkpoint import DECODING_DEFAULT_KEYS
+
+    kw = {k: v for k, v in defaults.items() if k in DECODING_DEFAULT_KEYS}
+    for name in (*DECODING_DEFAULT_KEYS, "max_new_tokens"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
