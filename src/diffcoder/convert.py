@@ -14,11 +14,47 @@ NEW_MASK_TOKEN = "<|mask|>"
 
 
 @torch.no_grad()
-def add_mask_token(model: DiffusionLM, tokenizer=None) -> tuple[DiffusionLM, object]:
-    """Give the model a mask token: reuse one the tokenizer already has, else add `<|mask|>`.
+def grow_vocab(model: DiffusionLM, new_size: int) -> None:
+    """Grow the embedding (and an untied output head) to `new_size` rows; new rows start at the mean row.
 
-    The new embedding (and untied output) row starts at the mean of the existing rows: a neutral input that
-    sits inside the embedding distribution, so the first diffusion steps see no outlier activations."""
+    The mean is a neutral input that sits inside the embedding distribution, so the first training steps with a
+    new token see no outlier activations."""
+    cfg = model.config
+    extra = new_size - cfg.vocab_size
+    if extra <= 0:
+        return
+    old = model.model.embed_tokens.weight
+    grown = torch.cat([old, old.mean(0, keepdim=True).expand(extra, -1)])
+    model.model.embed_tokens = nn.Embedding.from_pretrained(grown, freeze=False)
+    if cfg.tie_word_embeddings:
+        model.lm_head = nn.Linear(grown.shape[1], grown.shape[0], bias=False, device=grown.device, dtype=grown.dtype)
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        head = model.lm_head.weight
+        grown_head = torch.cat([head, head.mean(0, keepdim=True).expand(extra, -1)])
+        model.lm_head = nn.Linear(grown_head.shape[1], grown_head.shape[0], bias=False, device=head.device,
+                                  dtype=head.dtype)
+        model.lm_head.weight.copy_(grown_head)
+    cfg.vocab_size = new_size
+
+
+@torch.no_grad()
+def add_special_tokens(model: DiffusionLM, tokenizer, names: list[str] | tuple[str, ...]) -> list[int]:
+    """Make every token in `names` exist in the tokenizer (as an additional special token) and in the model.
+
+    Tokens the tokenizer already has keep their ids; new ones get the next ids, and the vocabulary grows when
+    they fall past its (possibly padded) end. Returns the ids in the order of `names`."""
+    missing = [n for n in names if tokenizer.convert_tokens_to_ids(n) in (None, tokenizer.unk_token_id)]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    ids = [tokenizer.convert_tokens_to_ids(n) for n in names]
+    grow_vocab(model, max(ids) + 1)
+    return ids
+
+
+@torch.no_grad()
+def add_mask_token(model: DiffusionLM, tokenizer=None) -> tuple[DiffusionLM, object]:
+    """Give the model a mask token: reuse one the tokenizer already has, else add `<|mask|>` (mean-row init)."""
     cfg = model.config
     existing = find_mask_token(tokenizer)
     if existing is not None:
@@ -31,20 +67,7 @@ def add_mask_token(model: DiffusionLM, tokenizer=None) -> tuple[DiffusionLM, obj
         new_id = tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN)
     else:
         new_id = cfg.vocab_size
-    if new_id >= cfg.vocab_size:  # no spare row in the (possibly padded) vocabulary: grow it
-        old = model.model.embed_tokens.weight
-        grown = torch.cat([old, old.mean(0, keepdim=True).expand(new_id + 1 - cfg.vocab_size, -1)])
-        model.model.embed_tokens = nn.Embedding.from_pretrained(grown, freeze=False)
-        if cfg.tie_word_embeddings:
-            model.lm_head = nn.Linear(grown.shape[1], grown.shape[0], bias=False, device=grown.device, dtype=grown.dtype)
-            model.lm_head.weight = model.model.embed_tokens.weight
-        else:
-            head = model.lm_head.weight
-            grown_head = torch.cat([head, head.mean(0, keepdim=True).expand(new_id + 1 - cfg.vocab_size, -1)])
-            model.lm_head = nn.Linear(grown_head.shape[1], grown_head.shape[0], bias=False, device=head.device,
-                                      dtype=head.dtype)
-            model.lm_head.weight.copy_(grown_head)
-        cfg.vocab_size = new_id + 1
+    grow_vocab(model, new_id + 1)
     cfg.mask_token_id = new_id
     return model, tokenizer
 
@@ -72,4 +95,4 @@ def convert_checkpoint(
     return save_checkpoint(model, target, tokenizer=tokenizer, generation_defaults=defaults)
 
 
-__all__ = ["add_mask_token", "convert_checkpoint", "MASK_TOKEN_NAMES"]
+__all__ = ["add_mask_token", "add_special_tokens", "grow_vocab", "convert_checkpoint", "MASK_TOKEN_NAMES"]
