@@ -153,7 +153,7 @@ class Trainer:
 
             if self.dist.enabled:
                 raise ConfigError("LoRA under torchrun/FSDP is not supported yet; run LoRA on one process")
-            apply_lora(model, c.lora, train_mask_row=self.mask_id)
+            apply_lora(model, c.lora, train_token_rows=[self.mask_id])
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
