@@ -72,6 +72,8 @@ class TrainSection:
     eval_t_points: int = 4  # fixed grid of t for the held-out NELBO
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    compile: bool = False  # torch.compile the decoder layers and the loss chunks (pays on GPU; minutes to start)
+    loss_chunk_rows: int = 0  # rows per LM-head + cross-entropy chunk; 0: about 256 MiB of float32 logits each
 
 
 @dataclass
@@ -233,6 +235,8 @@ def validate(cfg: TrainConfig, block_size: int | None = None) -> None:
               "keep_checkpoints"):
         if getattr(c.train, k) < 1:
             raise ConfigError(f"train.{k} must be >= 1, got {getattr(c.train, k)}")
+    if c.train.loss_chunk_rows < 0:
+        raise ConfigError(f"train.loss_chunk_rows must be >= 0 (0: automatic), got {c.train.loss_chunk_rows}")
     if c.train.device not in ("auto", "cpu", "cuda") and not c.train.device.startswith("cuda:"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {c.train.device!r}")
     if c.optim.lr <= 0:
