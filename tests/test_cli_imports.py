@@ -56,10 +56,11 @@ def test_data_build_without_serving_dependencies(tmp_path):
         (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n")
     base = write_tiny_checkpoint(tmp_path / "base")
     p = run(["-m", "diffcoder.cli", "data", "build", str(corpus), "--out", str(tmp_path / "data"),
-             "--tokenizer", str(base), "--val-fraction", "0"], blocker)
+             "--tokenizer", str(base), "--val-fraction", "0", "--fim-rate", "0.5"], blocker)
     assert p.returncode == 0, p.stderr
     index = json.loads((tmp_path / "data" / "index.json").read_text())
     assert index["summary"]["documents"]["train"] == 8 and index["shards"]["train"]
+    assert index["fim"]["rate"] == 0.5 and index["fim"]["tokens"]["middle"] == "<|fim_middle|>"
     # the command that does need them says so in one line
     p = run(["-m", "diffcoder.cli", "serve", "--model", str(base)], blocker)
     assert p.returncode == 2 and "needs the Python package 'uvicorn'" in p.stderr and "Traceback" not in p.stderr

@@ -139,7 +139,8 @@ class Trainer:
         if c.objective.kind == "diffusion" and self.mask_id is None:
             raise ConfigError("the model has no mask token; set model.path to a diffusion-ready checkpoint")
         self.tokenizer = tok
-        new_token_rows = [self.mask_id] if self.mask_id is not None else []
+        self.fim_ids = self._add_data_fim_tokens(model, tok)
+        new_token_rows = ([self.mask_id] if self.mask_id is not None else []) + self.fim_ids
         if c.lora.enabled:
             from diffcoder.training.lora import apply_lora
 
@@ -165,6 +166,27 @@ class Trainer:
         self.loss_fn = MicroBatchLoss(model, self.block_size, self.mask_id, self.device,
                                       chunk_rows=c.train.loss_chunk_rows or None, compiled=c.train.compile,
                                       head_grad_rows=head_rows, full_logits=self.dist.enabled)
+
+    def _add_data_fim_tokens(self, model, tokenizer) -> list[int]:
+        """The FIM token ids the data uses (none for data built without --fim-rate), given to the model and its
+        tokenizer under the same ids (`convert.add_special_tokens`: mean-row init, the vocabulary grows)."""
+        from diffcoder.convert import add_special_tokens
+        from diffcoder.fim import FimTokens
+        from diffcoder.training.data import read_index
+
+        recorded = read_index(self.cfg.data.path).get("fim")
+        if not recorded:
+            return []
+        want = FimTokens.from_dict(recorded["tokens"])
+        if tokenizer is None:
+            raise ConfigError(f"the data in {self.cfg.data.path} uses FIM tokens {list(want.names)} but the model "
+                              "has no tokenizer to add them to; start from a checkpoint with tokenizer files")
+        ids = add_special_tokens(model, tokenizer, want.names)
+        if tuple(ids) != want.ids:
+            raise ConfigError(f"the data's FIM tokens {list(want.names)} have ids {list(want.ids)} but the model's "
+                              f"tokenizer gives them {ids}; rebuild the data with --tokenizer pointing at the model "
+                              f"({self.cfg.model.path})")
+        return ids
 
     def _build_data(self) -> None:
         from diffcoder.training.data import PackedRows, SFTRows

@@ -1,0 +1,151 @@
+"""FIM in the data build (share, layout, ids in the index) and in training (the model gets the tokens; LoRA trains
+their rows), end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import base_overrides
+
+from diffcoder.errors import ConfigError
+from diffcoder.fim import FIM_TOKENS, FimTokens, split_fim_ids
+from diffcoder.training.config import load_config
+from diffcoder.training.data import build_corpus, load_tokenizer, read_index
+from diffcoder.training.trainer import Trainer, train
+
+
+def write_docs(root, n: int, seed: int = 0) -> dict[str, str]:
+    r = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    texts = {}
+    for i in range(n):
+        body = "".join(f"def f{i}_{j}(x):\n    return x * {r.randint(0, 999)}\n" for j in range(r.randint(1, 4)))
+        (root / f"m{i:04d}.py").write_text(body)
+        texts[f"m{i:04d}.py"] = body
+    return texts
+
+
+def stored_documents(data_dir) -> list[list[int]]:
+    index = read_index(data_dir)
+    docs = []
+    for split in ("train", "val"):
+        for sh in index["shards"].get(split, []):
+            stream = np.fromfile(data_dir / sh["file"], dtype=index["dtype"]).tolist()
+            cur: list[int] = []
+            for t in stream:
+                if t == index["eos_token_id"]:
+                    docs.append(cur)
+                    cur = []
+                else:
+                    cur.append(t)
+    return docs
+
+
+def test_fim_share_layout_and_index(tmp_path, tiny_setup):
+    texts = write_docs(tmp_path / "src", 600)
+    tok = load_tokenizer(str(tiny_setup["base"]))
+    assert len(tok) == 384
+    rate = 0.5
+    idx = build_corpus([str(tmp_path / "src")], tok, tmp_path / "data", val_fraction=0.05, fim_rate=rate)
+    fim = FimTokens.from_dict(idx["fim"]["tokens"])
+    assert fim.names == FIM_TOKENS and fim.ids == (384, 385, 386) and idx["vocab_size"] == 387
+    assert idx["fim"]["rate"] == rate
+    docs = stored_documents(tmp_path / "data")
+    assert len(docs) == 600
+    fim_docs = [d for d in docs if d and d[0] == fim.prefix_id]
+    # the share is Binomial(n, rate): within 4 standard deviations
+    n = len(docs)
+    assert abs(len(fim_docs) - n * rate) <= 4 * math.sqrt(n * rate * (1 - rate))
+    assert sum(idx["summary"]["fim_documents"].values()) == len(fim_docs)
+    originals = set(texts.values())
+    for d in docs:
+        if d and d[0] == fim.prefix_id:
+            p, m, s = (tok.decode(x, clean_up_tokenization_spaces=False) for x in split_fim_ids(d, fim))
+            assert p + m + s in originals
+        else:
+            assert not set(d) & set(fim.ids)  # plain documents carry no FIM token
+            assert tok.decode(d, clean_up_tokenization_spaces=False) in originals
+    # the same build again gives the same documents (draws seeded by content)
+    again = build_corpus([str(tmp_path / "src")], load_tokenizer(str(tiny_setup["base"])), tmp_path / "data2",
+                         val_fraction=0.05, fim_rate=rate)
+    assert again["summary"] == idx["summary"] and stored_documents(tmp_path / "data2") == docs
+
+
+def test_fim_rates_zero_and_one_and_literal_tokens(tmp_path, tiny_setup):
+    src = tmp_path / "src"
+    write_docs(src, 20)
+    (src / "literal.py").write_text('MARK = "<|fim_prefix|>"  # text, not a control token\n')
+    none = build_corpus([str(src)], load_tokenizer(str(tiny_setup["base"])), tmp_path / "d0", val_fraction=0)
+    assert "fim" not in none and none["vocab_size"] == 384
+    tok = load_tokenizer(str(tiny_setup["base"]))
+    all_fim = build_corpus([str(src)], tok, tmp_path / "d1", val_fraction=0, fim_rate=1.0)
+    fim = FimTokens.from_dict(all_fim["fim"]["tokens"])
+    docs = stored_documents(tmp_path / "d1")
+    assert len(docs) == 21 and all(d[0] == fim.prefix_id for d in docs)
+    assert all(sum(t in fim.ids for t in d) == 3 for d in docs)  # one of each FIM token per document
+    # a tokenizer that has the FIM tokens still reads their spelling in a document as text
+    build_corpus([str(src)], tok, tmp_path / "d2", val_fraction=0, fim_rate=0.0)
+    assert not any(set(d) & set(fim.ids) for d in stored_documents(tmp_path / "d2"))
+    with pytest.raises(ConfigError, match="fim_rate"):
+        build_corpus([str(src)], tok, tmp_path / "d3", fim_rate=1.5)
+
+
+@pytest.fixture(scope="module")
+def fim_data(tmp_path_factory, tiny_setup):
+    root = tmp_path_factory.mktemp("fim")
+    write_docs(root / "src", 80, seed=1)
+    build_corpus([str(root / "src")], load_tokenizer(str(tiny_setup["base"])), root / "data", val_fraction=0.1,
+                 fim_rate=0.5)
+    return root / "data"
+
+
+def test_cpt_with_fim_full_finetune_saves_and_reloads_the_tokens(tiny_setup, fim_data, tmp_path):
+    import diffcoder
+
+    cfg = load_config(None, base_overrides(tiny_setup, tmp_path / "run", **{
+        "data.path": fim_data, "train.steps": 4, "objective.warmup_steps": 0}))
+    tr = Trainer(cfg, quiet=True)
+    assert tr.fim_ids == [384, 385, 386] and tr.model.config.vocab_size == 387
+    emb0 = tr.model.model.embed_tokens.weight.detach().clone()
+    assert torch.allclose(emb0[384], emb0[:384].mean(0), atol=1e-6)  # mean-row init
+    res = tr.run()
+    assert res["last"]["loss"] > 0 and res["eval"]["eval_nelbo"] > 0
+    model, tok = diffcoder.load(tmp_path / "run" / "final")
+    assert model.config.vocab_size == 387
+    assert [tok.convert_tokens_to_ids(n) for n in FIM_TOKENS] == [384, 385, 386]
+    assert not torch.equal(model.model.embed_tokens.weight[384:387], emb0[384:387])  # the rows learned
+    added = json.loads((tmp_path / "run" / "final" / "tokenizer.json").read_text())["added_tokens"]
+    assert {(a["content"], a["id"], a["special"]) for a in added} >= {(n, 384 + i, True) for i, n in
+                                                                      enumerate(FIM_TOKENS)}
+
+
+def test_cpt_with_fim_lora_trains_the_new_rows_in_full(tiny_setup, fim_data, tmp_path):
+    cfg = load_config(None, base_overrides(tiny_setup, tmp_path / "run", **{
+        "data.path": fim_data, "train.steps": 4, "objective.warmup_steps": 0, "lora.enabled": True,
+        "lora.rank": 4, "optim.lr": 1e-2}))
+    tr = Trainer(cfg, quiet=True)
+    assert tr.model._lora_config["trainable_token_indices"] == [3, 384, 385, 386]
+    emb0 = tr.model.model.embed_tokens.weight.detach().clone()
+    tr.run()
+    emb = tr.model.model.embed_tokens.weight.detach()
+    changed = (emb != emb0).any(-1).nonzero().flatten().tolist()
+    assert changed == [3, 384, 385, 386]  # the mask and FIM rows, nothing else
+    from diffcoder.checkpoint import load_tokenizer as load_dir_tokenizer
+
+    tok = load_dir_tokenizer(tmp_path / "run" / "final")
+    assert [tok.convert_tokens_to_ids(n) for n in FIM_TOKENS] == [384, 385, 386]
+
+
+def test_fim_ids_that_the_model_cannot_match_are_refused(tiny_setup, tmp_path):
+    tok = load_tokenizer(str(tiny_setup["base"]))
+    tok.add_tokens(["<|other|>"], special_tokens=True)  # shifts the FIM ids by one
+    write_docs(tmp_path / "src", 10)
+    build_corpus([str(tmp_path / "src")], tok, tmp_path / "data", val_fraction=0, fim_rate=0.5)
+    cfg = load_config(None, base_overrides(tiny_setup, tmp_path / "run", **{"data.path": tmp_path / "data"}))
+    with pytest.raises(ConfigError, match="rebuild the data with --tokenizer"):
+        train(cfg, quiet=True)
