@@ -149,3 +149,20 @@ def test_fim_ids_that_the_model_cannot_match_are_refused(tiny_setup, tmp_path):
     cfg = load_config(None, base_overrides(tiny_setup, tmp_path / "run", **{"data.path": tmp_path / "data"}))
     with pytest.raises(ConfigError, match="rebuild the data with --tokenizer"):
         train(cfg, quiet=True)
+
+
+def test_lora_fim_resume_restores_the_token_rows(tiny_setup, fim_data, tmp_path):
+    """Resuming a LoRA run restores every fully trained row (mask and FIM), so the curve continues exactly."""
+    ov = {"data.path": fim_data, "train.steps": 4, "objective.warmup_steps": 0, "lora.enabled": True,
+          "lora.rank": 4, "optim.lr": 1e-2, "train.eval_every": 0}
+    ref = Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "ref", **ov)), quiet=True)
+    ref_losses = [ref.train_step()["loss"] for _ in range(4)]
+    cut = Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "cut", **ov)), quiet=True)
+    for _ in range(2):
+        cut.train_step()
+    cut.save()
+    resumed = Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "cut", **ov)), resume=True,
+                      quiet=True)
+    assert resumed.step == 2
+    assert torch.equal(resumed.model.model.embed_tokens.weight, cut.model.model.embed_tokens.weight)
+    assert [resumed.train_step()["loss"] for _ in range(2)] == ref_losses[2:]

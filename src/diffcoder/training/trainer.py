@@ -273,6 +273,8 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "data_position": self.step * self.global_batch,
             "optimizer": None if self.dist.enabled else self.opt.state_dict(),
+            # LoRA's fully trained token rows (mask, FIM), whatever the adapter files keep of them
+            "token_rows": None if self.token_rows is None else self.token_rows.param.detach().cpu(),
         }
 
     @property
@@ -311,7 +313,7 @@ class Trainer:
 
             load_adapter_weights(self.model, path)
             if self.token_rows is not None:
-                self.token_rows.read_weight()
+                self._restore_token_rows(state.get("token_rows"))
         else:
             load_model_weights(self.model, path)
         if state["optimizer"] is not None:
@@ -331,6 +333,14 @@ class Trainer:
                 tmp.write_text("".join(x + "\n" for x in keep))
                 os.replace(tmp, log)
         self.log(f"resumed from {path} at step {self.step}")
+
+    @torch.no_grad()
+    def _restore_token_rows(self, saved: torch.Tensor | None) -> None:
+        if saved is None:  # a checkpoint from before token rows were kept in the trainer state
+            self.token_rows.read_weight()
+            return
+        self.token_rows.param.copy_(saved)
+        self.token_rows.write_back()
 
     # ------------------------------------------------------------------------------------------- the step
 
