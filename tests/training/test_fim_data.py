@@ -166,3 +166,38 @@ def test_lora_fim_resume_restores_the_token_rows(tiny_setup, fim_data, tmp_path)
     assert resumed.step == 2
     assert torch.equal(resumed.model.model.embed_tokens.weight, cut.model.model.embed_tokens.weight)
     assert [resumed.train_step()["loss"] for _ in range(2)] == ref_losses[2:]
+
+
+def test_sft_continues_the_cpt_adapter(tiny_setup, fim_data, tmp_path):
+    """The GPU recipe's two stages in small: LoRA CPT on FIM data, then SFT with lora.init_from the CPT run (its
+    LoRA matrices, token rows and FIM tokens carry over; SFT data tokenized with the CPT adapter's tokenizer)."""
+    from diffcoder.training.data import build_sft
+    from diffcoder.training.lora import lora_modules
+
+    lora = {"lora.enabled": True, "lora.rank": 4, "optim.lr": 1e-2, "objective.warmup_steps": 0}
+    cpt = Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "cpt", **{
+        "data.path": fim_data, "train.steps": 3, **lora})), quiet=True)
+    cpt.run()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        (src / f"m{i}.py").write_text(f'def add{i}(a, b):\n    """Add {i} to a plus b."""\n    s = a + b\n'
+                                      f'    return s + {i}\n')
+    build_sft([str(src)], load_tokenizer(str(tmp_path / "cpt" / "final")), tmp_path / "sft", mine=True,
+              val_fraction=0.2)
+    sft = Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "sft-run", **{
+        "data.kind": "sft", "data.path": tmp_path / "sft", "data.seq_len": 128, "train.steps": 2,
+        "lora.init_from": tmp_path / "cpt", **lora})), quiet=True)
+    assert sft.fim_ids == [384, 385, 386]
+    rows = [3, 384, 385, 386]
+    assert torch.equal(sft.model.model.embed_tokens.weight[rows], cpt.model.model.embed_tokens.weight[rows])
+    got, want = lora_modules(sft.model), lora_modules(cpt.model)
+    assert all(torch.equal(got[k].lora_B, want[k].lora_B) and torch.equal(got[k].lora_A, want[k].lora_A)
+               for k in want)
+    assert any(want[k].lora_B.abs().sum() > 0 for k in want)  # the CPT adapter had learned something
+    assert sft.run()["last"]["loss"] > 0
+    with pytest.raises(ConfigError, match="needs lora.enabled"):
+        load_config(None, base_overrides(tiny_setup, tmp_path / "x", **{"lora.init_from": tmp_path / "cpt"}))
+    with pytest.raises(ConfigError, match="neither a LoRA adapter"):
+        Trainer(load_config(None, base_overrides(tiny_setup, tmp_path / "y", **{
+            "lora.enabled": True, "lora.init_from": tmp_path / "src"})), quiet=True)

@@ -83,6 +83,9 @@ class LoraSection:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # start the adapter (LoRA matrices and fully trained token rows) from an earlier LoRA run (its latest
+    # checkpoint) or adapter directory, e.g. SFT after LoRA CPT: runs/cpt; its FIM tokens come along
+    init_from: str = ""
 
 
 @dataclass
@@ -249,6 +252,11 @@ def validate(cfg: TrainConfig, block_size: int | None = None) -> None:
         bad = [t for t in c.lora.targets if t not in LORA_TARGETS]
         if bad:
             raise ConfigError(f"unknown lora.targets {bad}; choose from {LORA_TARGETS}")
+        if c.lora.init_from and not Path(c.lora.init_from).is_dir():
+            raise ConfigError(f"lora.init_from {c.lora.init_from} does not exist; give a LoRA run directory "
+                              "(e.g. runs/cpt) or one of its checkpoints")
+    elif c.lora.init_from:
+        raise ConfigError("lora.init_from needs lora.enabled=true")
     from diffcoder import DTYPES
 
     if c.model.dtype not in DTYPES:

@@ -112,6 +112,8 @@ class Trainer:
         self._build_model()
         self._build_data()
         self._build_optimizer()
+        if self.init_adapter is not None:
+            self._init_lora_from(self.init_adapter)
         self.step = 0
         self._prepare_out_dir()
 
@@ -139,7 +141,8 @@ class Trainer:
         if c.objective.kind == "diffusion" and self.mask_id is None:
             raise ConfigError("the model has no mask token; set model.path to a diffusion-ready checkpoint")
         self.tokenizer = tok
-        self.fim_ids = self._add_data_fim_tokens(model, tok)
+        self.init_adapter = adapter_source(c.lora.init_from) if c.lora.init_from else None
+        self.fim_ids = self._add_fim_tokens(model, tok)
         new_token_rows = ([self.mask_id] if self.mask_id is not None else []) + self.fim_ids
         if c.lora.enabled:
             from diffcoder.training.lora import apply_lora
@@ -167,26 +170,49 @@ class Trainer:
                                       chunk_rows=c.train.loss_chunk_rows or None, compiled=c.train.compile,
                                       head_grad_rows=head_rows, full_logits=self.dist.enabled)
 
-    def _add_data_fim_tokens(self, model, tokenizer) -> list[int]:
-        """The FIM token ids the data uses (none for data built without --fim-rate), given to the model and its
-        tokenizer under the same ids (`convert.add_special_tokens`: mean-row init, the vocabulary grows)."""
+    def _add_fim_tokens(self, model, tokenizer) -> list[int]:
+        """The FIM token ids the data uses (data built with --fim-rate) or the adapter of lora.init_from has, given
+        to the model and its tokenizer under the same ids (`convert.add_special_tokens`: mean-row init, the
+        vocabulary grows). None for plain data and no initial adapter."""
         from diffcoder.convert import add_special_tokens
-        from diffcoder.fim import FimTokens
-        from diffcoder.training.data import read_index
+        from diffcoder.fim import FimTokens, find_fim_tokens
+        from diffcoder.training.data import load_tokenizer, read_index
 
         recorded = read_index(self.cfg.data.path).get("fim")
-        if not recorded:
+        want = FimTokens.from_dict(recorded["tokens"]) if recorded else None
+        source = f"the data in {self.cfg.data.path}"
+        if want is None and self.init_adapter is not None:
+            want = find_fim_tokens(load_tokenizer(str(self.init_adapter)))
+            source = f"the adapter in {self.init_adapter}"
+        if want is None:
             return []
-        want = FimTokens.from_dict(recorded["tokens"])
         if tokenizer is None:
-            raise ConfigError(f"the data in {self.cfg.data.path} uses FIM tokens {list(want.names)} but the model "
-                              "has no tokenizer to add them to; start from a checkpoint with tokenizer files")
+            raise ConfigError(f"{source} uses FIM tokens {list(want.names)} but the model has no tokenizer to add "
+                              "them to; start from a checkpoint with tokenizer files")
         ids = add_special_tokens(model, tokenizer, want.names)
         if tuple(ids) != want.ids:
-            raise ConfigError(f"the data's FIM tokens {list(want.names)} have ids {list(want.ids)} but the model's "
+            raise ConfigError(f"{source} has FIM tokens {list(want.names)} at ids {list(want.ids)} but the model's "
                               f"tokenizer gives them {ids}; rebuild the data with --tokenizer pointing at the model "
                               f"({self.cfg.model.path})")
         return ids
+
+    def _init_lora_from(self, adapter_dir: Path) -> None:
+        """Start from an earlier LoRA run's adapter: its LoRA matrices, and its token rows (exact from the trainer
+        state of a run checkpoint, else what the adapter files hold)."""
+        from diffcoder.training.lora import load_adapter_weights
+
+        try:
+            load_adapter_weights(self.model, adapter_dir)
+        except (KeyError, RuntimeError) as exc:
+            raise ConfigError(f"lora.init_from {adapter_dir} does not fit this run's LoRA (rank {self.cfg.lora.rank}, "
+                              f"targets {self.cfg.lora.targets}): {exc}") from exc
+        state = ckptlib.load_state(adapter_dir) if (adapter_dir / ckptlib.STATE_FILE).is_file() else {}
+        saved = state.get("token_rows")
+        if saved is not None and self.token_rows is not None and saved["index"] == self.token_rows.index.tolist():
+            self._restore_token_rows(saved)
+        elif self.token_rows is not None:
+            self.token_rows.read_weight()
+        self.log(f"LoRA initialised from {adapter_dir}")
 
     def _build_data(self) -> None:
         from diffcoder.training.data import PackedRows, SFTRows
@@ -274,7 +300,8 @@ class Trainer:
             "data_position": self.step * self.global_batch,
             "optimizer": None if self.dist.enabled else self.opt.state_dict(),
             # LoRA's fully trained token rows (mask, FIM), whatever the adapter files keep of them
-            "token_rows": None if self.token_rows is None else self.token_rows.param.detach().cpu(),
+            "token_rows": None if self.token_rows is None else {
+                "index": self.token_rows.index.tolist(), "rows": self.token_rows.param.detach().cpu()},
         }
 
     @property
@@ -335,11 +362,11 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step}")
 
     @torch.no_grad()
-    def _restore_token_rows(self, saved: torch.Tensor | None) -> None:
+    def _restore_token_rows(self, saved: dict[str, Any] | None) -> None:
         if saved is None:  # a checkpoint from before token rows were kept in the trainer state
             self.token_rows.read_weight()
             return
-        self.token_rows.param.copy_(saved)
+        self.token_rows.param.copy_(saved["rows"])
         self.token_rows.write_back()
 
     # ------------------------------------------------------------------------------------------- the step
@@ -503,6 +530,18 @@ class Trainer:
                 final, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ckptlib.STATE_FILE, "dcp")))
         self.dist.barrier()
         return {"last": last, "eval": ev, "checkpoint": str(final), "final": str(self.out / "final")}
+
+
+def adapter_source(spec: str) -> Path:
+    """lora.init_from: an adapter directory as is; a LoRA run directory -> its latest checkpoint (whose trainer
+    state holds the token rows exactly)."""
+    p = Path(spec)
+    if (p / "adapter_config.json").is_file():
+        return p
+    found = ckptlib.list_checkpoints(p)
+    if found and (found[-1] / "adapter_config.json").is_file():
+        return found[-1]
+    raise ConfigError(f"lora.init_from {p} is neither a LoRA adapter directory nor a LoRA run with checkpoints")
 
 
 def _before(rec: dict[str, Any], step: int) -> bool:
