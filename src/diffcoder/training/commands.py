@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
     t = subparsers.add_parser("train", help="block-diffusion CPT / SFT from a YAML recipe")
-    t.add_argument("config", help="a YAML file or a shipped recipe: cpt, sft, cpt-small, sft-small")
+    t.add_argument("config", help="a YAML file or a shipped recipe: cpt, sft, cpt-small, sft-small, "
+                                  "lora-sft-small, cpt-default, sft-default")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200 optim.lr=3e-5")
     t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint")
     t.add_argument("--quiet", action="store_true")

@@ -252,9 +252,6 @@ def validate(cfg: TrainConfig, block_size: int | None = None) -> None:
         bad = [t for t in c.lora.targets if t not in LORA_TARGETS]
         if bad:
             raise ConfigError(f"unknown lora.targets {bad}; choose from {LORA_TARGETS}")
-        if c.lora.init_from and not Path(c.lora.init_from).is_dir():
-            raise ConfigError(f"lora.init_from {c.lora.init_from} does not exist; give a LoRA run directory "
-                              "(e.g. runs/cpt) or one of its checkpoints")
     elif c.lora.init_from:
         raise ConfigError("lora.init_from needs lora.enabled=true")
     from diffcoder import DTYPES

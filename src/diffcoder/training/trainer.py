@@ -536,6 +536,9 @@ def adapter_source(spec: str) -> Path:
     """lora.init_from: an adapter directory as is; a LoRA run directory -> its latest checkpoint (whose trainer
     state holds the token rows exactly)."""
     p = Path(spec)
+    if not p.is_dir():
+        raise ConfigError(f"lora.init_from {p} does not exist; give a LoRA run directory (e.g. runs/cpt) or one "
+                          "of its checkpoints")
     if (p / "adapter_config.json").is_file():
         return p
     found = ckptlib.list_checkpoints(p)
