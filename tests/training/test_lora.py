@@ -74,3 +74,38 @@ def test_adapter_refuses_changed_base(tiny_setup, tmp_path):
     shutil.rmtree(base)
     with pytest.raises(CheckpointError, match="missing"):
         diffcoder.load(final)
+
+
+def test_token_rows_hook_follows_a_move_after_apply_lora():
+    """The gradient hook keeps only the chosen rows whatever the model was moved to after apply_lora (the CUDA
+    crash was a CPU mask meeting a moved gradient; a dtype move shows the same bug on the CPU)."""
+    from diffcoder.testing import tiny_model
+    from diffcoder.training.config import LoraSection
+    from diffcoder.training.lora import apply_lora
+
+    model = tiny_model(seed=0, std=0.3)
+    apply_lora(model, LoraSection(rank=2, alpha=4), train_token_rows=[7, 3, 7])
+    assert model._lora_config["trainable_token_indices"] == [3, 7]
+    model.to(torch.bfloat16)
+    before = model.model.embed_tokens.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    x = torch.randint(4, 300, (2, 12))
+    x[0, 0], x[1, 5] = 3, 7  # the trained rows are looked up, so they get a gradient through the embedding too
+    model(x).float().logsumexp(-1).sum().backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert grad.dtype == torch.bfloat16
+    nonzero_rows = grad.abs().sum(-1).nonzero().flatten().tolist()
+    assert nonzero_rows == [3, 7]
+    opt.step()
+    changed = (model.model.embed_tokens.weight.detach() != before).any(-1).nonzero().flatten().tolist()
+    assert changed == [3, 7]
+
+
+def test_apply_lora_rejects_rows_outside_the_vocabulary():
+    from diffcoder.errors import ConfigError
+    from diffcoder.testing import tiny_model
+    from diffcoder.training.config import LoraSection
+    from diffcoder.training.lora import apply_lora
+
+    with pytest.raises(ConfigError, match="outside the embedding"):
+        apply_lora(tiny_model(), LoraSection(), train_token_rows=[384])

@@ -1,10 +1,19 @@
 """An OpenAI-compatible HTTP server with batching and streaming, and a playground that shows the denoising."""
 
-from diffcoder.serving.app import create_app
-from diffcoder.serving.engine import DecodeSettings, Engine, Row
-from diffcoder.serving.metrics import Metrics
+from typing import Any
 
 __all__ = ["create_app", "DecodeSettings", "Engine", "Metrics", "Row", "build_app"]
+
+# Imported on first use (PEP 562), so `diffcoder --help` and the other areas' commands never load fastapi.
+_LAZY = {"create_app": "app", "DecodeSettings": "engine", "Engine": "engine", "Row": "engine", "Metrics": "metrics"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"diffcoder.serving.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'diffcoder.serving' has no attribute {name!r}")
 
 
 def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: str | None = None,
@@ -25,6 +34,9 @@ def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: s
                           f"`diffcoder convert` on it first, or pass --mask-id with an unused token id")
     defaults = dict(getattr(model, "generation_defaults", {}) or {})
     defaults.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    from diffcoder.serving.app import create_app
+    from diffcoder.serving.engine import Engine
+
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, mask_id=mask_id,
                     batch_wait=batch_wait)
     name = served_name or Path(model_path).name.removesuffix(".gguf")

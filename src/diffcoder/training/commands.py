@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--max-tokens", type=int, default=None, help="stop after about this many tokens")
     b.add_argument("--max-files", type=int, default=None)
     b.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    b.add_argument("--fim-rate", type=float, default=0.0,
+                   help="share of documents FIM-transformed (prefix/suffix/middle reordered; DESIGN §2), e.g. 0.5")
+    b.add_argument("--fim-seed", type=int, default=0, help="seed of the FIM draws (with each document's hash)")
     b.set_defaults(func=cmd_data_build)
     s = dsub.add_parser("sft", help="chat JSONL (or --mine: functions of a code corpus) -> SFT token pairs")
     s.add_argument("sources", nargs="+", help="chat JSONL files; with --mine: code sources as for `data build`")
@@ -31,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
     t = subparsers.add_parser("train", help="block-diffusion CPT / SFT from a YAML recipe")
-    t.add_argument("config", help="a YAML file or a shipped recipe: cpt, sft, cpt-small, sft-small")
+    t.add_argument("config", help="a YAML file or a shipped recipe: cpt, sft, cpt-small, sft-small, "
+                                  "lora-sft-small, cpt-default, sft-default")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200 optim.lr=3e-5")
     t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint")
     t.add_argument("--quiet", action="store_true")
@@ -53,7 +57,8 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
     tok = load_tokenizer(args.tokenizer)
     idx = build_corpus(args.sources, tok, args.out, val_fraction=args.val_fraction, max_tokens=args.max_tokens,
-                       max_files=args.max_files, text_field=args.text_field, tokenizer_spec=args.tokenizer)
+                       max_files=args.max_files, text_field=args.text_field, tokenizer_spec=args.tokenizer,
+                       fim_rate=args.fim_rate, fim_seed=args.fim_seed)
     print(json.dumps(idx["summary"], indent=2))
     return 0
 

@@ -72,6 +72,8 @@ class TrainSection:
     eval_t_points: int = 4  # fixed grid of t for the held-out NELBO
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    compile: bool = False  # torch.compile the decoder layers and the loss chunks (pays on GPU; minutes to start)
+    loss_chunk_rows: int = 0  # rows per LM-head + cross-entropy chunk; 0: about 256 MiB of float32 logits each
 
 
 @dataclass
@@ -81,6 +83,9 @@ class LoraSection:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # start the adapter (LoRA matrices and fully trained token rows) from an earlier LoRA run (its latest
+    # checkpoint) or adapter directory, e.g. SFT after LoRA CPT: runs/cpt; its FIM tokens come along
+    init_from: str = ""
 
 
 @dataclass
@@ -233,6 +238,8 @@ def validate(cfg: TrainConfig, block_size: int | None = None) -> None:
               "keep_checkpoints"):
         if getattr(c.train, k) < 1:
             raise ConfigError(f"train.{k} must be >= 1, got {getattr(c.train, k)}")
+    if c.train.loss_chunk_rows < 0:
+        raise ConfigError(f"train.loss_chunk_rows must be >= 0 (0: automatic), got {c.train.loss_chunk_rows}")
     if c.train.device not in ("auto", "cpu", "cuda") and not c.train.device.startswith("cuda:"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {c.train.device!r}")
     if c.optim.lr <= 0:
@@ -245,6 +252,8 @@ def validate(cfg: TrainConfig, block_size: int | None = None) -> None:
         bad = [t for t in c.lora.targets if t not in LORA_TARGETS]
         if bad:
             raise ConfigError(f"unknown lora.targets {bad}; choose from {LORA_TARGETS}")
+    elif c.lora.init_from:
+        raise ConfigError("lora.init_from needs lora.enabled=true")
     from diffcoder import DTYPES
 
     if c.model.dtype not in DTYPES:

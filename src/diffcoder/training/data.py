@@ -185,6 +185,28 @@ def is_held_out(digest: str, val_fraction: float) -> bool:
 # ----------------------------------------------------------------------------------------------- CPT build
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of document text. Text that spells a special token (`<|endoftext|>` in a tokenizer's own source,
+    `<|fim_prefix|>` in a FIM test) is tokenized as text: only the data builder inserts control tokens."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def document_ids(text: str, digest: str, tokenizer, eos: int, fim=None, fim_rate: float = 0.0,
+                 fim_seed: int = 0) -> tuple[list[int], bool]:
+    """(ids + EOS, whether FIM-transformed). With FIM tokens, a `fim_rate` share of documents (a draw seeded by
+    the document's hash, so rebuilds agree) is cut at two uniform character positions and laid out in PSM order:
+    <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle EOS (DESIGN §2)."""
+    from diffcoder.fim import fim_ids, fim_split
+
+    rng = random.Random(f"fim-{fim_seed}-{digest}")
+    if fim is None or rng.random() >= fim_rate:
+        return encode_text(tokenizer, text) + [eos], False
+    prefix, middle, suffix = fim_split(text, rng)
+    ids = fim_ids(encode_text(tokenizer, prefix), encode_text(tokenizer, middle), encode_text(tokenizer, suffix),
+                  fim)
+    return ids + [eos], True
+
+
 class _ShardWriter:
     def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
@@ -220,10 +242,23 @@ def build_corpus(
     text_field: str = "text",
     shard_tokens: int = 1 << 24,
     tokenizer_spec: str = "",
+    fim_rate: float = 0.0,
+    fim_seed: int = 0,
 ) -> dict[str, Any]:
-    """Tokenize and pack a corpus into memory-mapped shards; returns the summary (also in index.json)."""
+    """Tokenize and pack a corpus into memory-mapped shards; returns the summary (also in index.json).
+
+    fim_rate > 0: that share of documents is FIM-transformed (`document_ids`); a tokenizer without FIM tokens gets
+    ours added (`fim.ensure_fim_tokens`), and the index records their names and ids so the trainer gives the model
+    the same ones."""
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0 <= fim_rate <= 1:
+        raise ConfigError(f"fim_rate must be in [0, 1], got {fim_rate}")
+    fim = None
+    if fim_rate > 0:
+        from diffcoder.fim import ensure_fim_tokens
+
+        fim, _ = ensure_fim_tokens(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eos = tokenizer.eos_token_id
@@ -237,6 +272,7 @@ def build_corpus(
     dupes = 0
     lang_docs: Counter = Counter()
     lang_tokens: Counter = Counter()
+    fim_docs: Counter = Counter()
     total = 0
     pbar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, total=max_tokens, file=sys.stderr)
     for doc in iter_documents(sources, text_field, max_files):
@@ -247,10 +283,11 @@ def build_corpus(
             dupes += 1
             continue
         seen.add(digest)
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [eos]
+        ids, is_fim = document_ids(doc.text, digest, tokenizer, eos, fim, fim_rate, fim_seed)
         split = "val" if is_held_out(digest, val_fraction) else "train"
         writers[split].add(ids)
         docs[split] += 1
+        fim_docs[split] += is_fim
         lang = language_of(doc.name)
         lang_docs[lang] += 1
         lang_tokens[lang] += len(ids)
@@ -270,6 +307,8 @@ def build_corpus(
         "tokens": {s: sum(sh["tokens"] for sh in w.shards) for s, w in writers.items()},
         "languages": {k: {"documents": lang_docs[k], "tokens": lang_tokens[k]} for k, _ in lang_tokens.most_common()},
     }
+    if fim is not None:
+        summary["fim_documents"] = dict(fim_docs)
     index = {
         "format": "diffcoder-packed-v1",
         "dtype": dtype.name,
@@ -282,6 +321,8 @@ def build_corpus(
         "shards": {s: w.shards for s, w in writers.items()},
         "summary": summary,
     }
+    if fim is not None:  # the FIM tokens the data uses (the trainer adds them to the model under these ids)
+        index["fim"] = {"rate": fim_rate, "seed": fim_seed, "tokens": fim.to_dict()}
     tmp = out / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index, indent=2))
     os.replace(tmp, out / INDEX)

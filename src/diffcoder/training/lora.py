@@ -50,8 +50,11 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def apply_lora(model, lora_cfg, train_mask_row: int | None = None) -> None:
-    """Freeze the model, wrap the target linears with LoRA, and let only the mask row of the embedding learn."""
+def apply_lora(model, lora_cfg, train_token_rows: list[int]) -> None:
+    """Freeze the model, wrap the target linears with LoRA, and let only the embedding rows `train_token_rows`
+    learn in full (new tokens: the mask token, FIM tokens — they have no pretrained row worth freezing).
+
+    The rows are recorded in `model._lora_config["trainable_token_indices"]` for the adapter files."""
     for p in model.parameters():
         p.requires_grad_(False)
     targets = set(lora_cfg.targets)
@@ -60,14 +63,29 @@ def apply_lora(model, lora_cfg, train_mask_row: int | None = None) -> None:
             for name, child in list(parent.named_children()):
                 if name in targets and isinstance(child, nn.Linear):
                     setattr(parent, name, LoRALinear(child, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout))
-    if train_mask_row is not None:
-        emb = model.model.embed_tokens.weight
+    emb = model.model.embed_tokens.weight
+    rows = sorted({int(r) for r in train_token_rows})
+    if rows and not 0 <= rows[0] <= rows[-1] < emb.shape[0]:
+        raise ConfigError(f"trainable token rows {rows} fall outside the embedding's {emb.shape[0]} rows")
+    if rows:
         emb.requires_grad_(True)
-        keep = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
-        keep[train_mask_row] = 1
-        emb.register_hook(lambda g: g * keep)  # every other row stays exactly the base's
+        emb.register_hook(keep_rows_hook(rows))  # every other row stays exactly the base's
     model._lora_config = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "targets": list(lora_cfg.targets),
-                          "dropout": lora_cfg.dropout}
+                          "dropout": lora_cfg.dropout, "trainable_token_indices": rows}
+
+
+def keep_rows_hook(rows: list[int]):
+    """A gradient hook that zeroes every row but `rows`. It follows the gradient's device and dtype, so the model
+    may be moved (`.to("cuda")`, `.to(torch.bfloat16)`) after `apply_lora`."""
+    index_on: dict[torch.device, torch.Tensor] = {}
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if grad.device not in index_on:
+            index_on[grad.device] = torch.tensor(rows, dtype=torch.long, device=grad.device)
+        idx = index_on[grad.device]
+        return torch.zeros_like(grad).index_copy_(0, idx, grad.index_select(0, idx))
+
+    return hook
 
 
 def base_content_hash(base: Path) -> str:

@@ -223,6 +223,82 @@ def forward_diffusion(
     return model(inputs, position_ids=pos, attn_mask=attn_mask)
 
 
+@dataclass
+class ScoredRows:
+    """Which positions are scored, as flat indices: row `hidden_rows[k]` of the model's flattened hidden states
+    (over `[xt ; x0]` for diffusion, over x0 for AR) predicts token `target_pos[k]` of the flattened x0.
+
+    Built on the CPU copy of the mask (`nonzero` on a device tensor would wait for the device), then moved."""
+
+    hidden_rows: torch.Tensor
+    target_pos: torch.Tensor
+
+    def to(self, device: torch.device | str) -> ScoredRows:
+        move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if torch.device(device).type == "cuda" \
+            else (lambda t: t.to(device))
+        return ScoredRows(move(self.hidden_rows), move(self.target_pos))
+
+
+def diffusion_scored_rows(masked: torch.Tensor, block_size: int, shift: bool) -> ScoredRows:
+    """The masked positions of x0 ([N, L]) and the rows of the [N, 2L] hidden states over `[xt ; x0]` that score
+    them: shift=False the noisy half at the same position; shift=True the noisy half at i-1 inside a block and the
+    clean half's i-1 for a block's first slot (as `diffusion_logits_for_targets`)."""
+    n, length = masked.shape
+    pos = masked.flatten().nonzero().flatten()
+    row, i = pos // length, pos % length
+    if shift:
+        if bool(masked[:, 0].any()):
+            raise ValueError("under shift position 0 has no predictor; mask it out with shift_eligible")
+        src = torch.where(i % block_size == 0, length + i - 1, i - 1)
+    else:
+        src = i
+    return ScoredRows(hidden_rows=row * 2 * length + src, target_pos=pos)
+
+
+def ar_scored_rows(n: int, length: int) -> ScoredRows:
+    """Next-token prediction: hidden row (r, i) scores token (r, i + 1), for i < L - 1."""
+    i = torch.arange(length - 1)
+    base = (torch.arange(n) * length)[:, None]
+    return ScoredRows(hidden_rows=(base + i).flatten(), target_pos=(base + i + 1).flatten())
+
+
+def forward_diffusion_hidden(
+    model, x0: torch.Tensor, masked: torch.Tensor, block_size: int, mask_token_id: int, attn_mask=None
+) -> torch.Tensor:
+    """Final hidden states [N, 2L, H] of the model on `[xt ; x0]` (the LM head is applied to scored rows only)."""
+    n, length = x0.shape
+    if attn_mask is None:
+        attn_mask = training_block_mask(length, block_size, x0.device)[None, None]
+    pos = training_position_ids(length, x0.device)[None].expand(n, -1)
+    return model.hidden_states(concat_inputs(x0, masked, mask_token_id), pos, attn_mask)
+
+
+def head_loss_sum(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    x0: torch.Tensor,
+    scored: ScoredRows,
+    row_weights: torch.Tensor,
+    **chunk_kw,
+) -> torch.Tensor:
+    """sum_k row_weights[k] * CE(head(hidden row k), its target): the LM head runs on the scored rows only, in
+    chunks (see `head_loss.linear_cross_entropy`; chunk_rows, grad_rows, compiled pass through)."""
+    from diffcoder.training.head_loss import linear_cross_entropy
+
+    h = hidden.flatten(0, 1).index_select(0, scored.hidden_rows)
+    targets = x0.flatten().index_select(0, scored.target_pos)
+    return linear_cross_entropy(h, head_weight, targets, row_weights, **chunk_kw)
+
+
+def logits_loss_sum(logits: torch.Tensor, x0: torch.Tensor, scored: ScoredRows, row_weights: torch.Tensor
+                    ) -> torch.Tensor:
+    """The same sum from full logits [N, S, V] (FSDP runs the model's own forward); upcasts the scored rows only."""
+    picked = logits.flatten(0, 1).index_select(0, scored.hidden_rows)
+    targets = x0.flatten().index_select(0, scored.target_pos)
+    ce = F.cross_entropy(_upcast(picked), targets, reduction="none")
+    return (ce * row_weights).sum()
+
+
 def eval_time_grid(n_points: int) -> list[float]:
     """Midpoints of n equal bins of (0, 1]: a fixed quadrature grid for the held-out NELBO."""
     return [(i + 0.5) / n_points for i in range(n_points)]

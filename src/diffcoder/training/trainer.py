@@ -28,24 +28,15 @@ from tqdm.auto import tqdm
 
 from diffcoder import resolve_dtype
 from diffcoder.errors import CheckpointError, ConfigError
-from diffcoder.model import block_causal_mask
 from diffcoder.training import ckpt as ckptlib
 from diffcoder.training.config import TrainConfig, validate
-from diffcoder.training.objective import (
-    ar_loss_sum,
-    diffusion_loss_sum,
-    eval_time_grid,
-    flex_training_mask,
-    forward_diffusion,
-    sample_block_noise,
-    shift_eligible,
-    training_block_mask,
-    warmup_cap,
-)
+from diffcoder.training.objective import eval_time_grid, sample_block_noise, shift_eligible, warmup_cap
+from diffcoder.training.step import MicroBatchLoss, ar_micro_batches, diffusion_micro_batches
 
 # Config keys a resumed run may change (cadence and length); anything else means "another run".
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.eval_batches",
-                     "train.keep_checkpoints", "train.device", "model.path"}
+                     "train.keep_checkpoints", "train.device", "model.path", "train.compile",
+                     "train.loss_chunk_rows"}
 
 
 @dataclass
@@ -121,6 +112,8 @@ class Trainer:
         self._build_model()
         self._build_data()
         self._build_optimizer()
+        if self.init_adapter is not None:
+            self._init_lora_from(self.init_adapter)
         self.step = 0
         self._prepare_out_dir()
 
@@ -148,22 +141,78 @@ class Trainer:
         if c.objective.kind == "diffusion" and self.mask_id is None:
             raise ConfigError("the model has no mask token; set model.path to a diffusion-ready checkpoint")
         self.tokenizer = tok
+        self.init_adapter = adapter_source(c.lora.init_from) if c.lora.init_from else None
+        self.fim_ids = self._add_fim_tokens(model, tok)
+        new_token_rows = ([self.mask_id] if self.mask_id is not None else []) + self.fim_ids
         if c.lora.enabled:
             from diffcoder.training.lora import apply_lora
 
             if self.dist.enabled:
                 raise ConfigError("LoRA under torchrun/FSDP is not supported yet; run LoRA on one process")
-            apply_lora(model, c.lora, train_mask_row=self.mask_id)
+            apply_lora(model, c.lora, train_token_rows=new_token_rows)
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
         model.gradient_checkpointing = c.model.gradient_checkpointing
         model.to(self.device).train()
+        if c.train.compile:  # per layer, as torchtitan does: one graph reused 30 times, before FSDP wraps them
+            for layer in model.model.layers:
+                layer.compile()
         if self.dist.enabled:
             from diffcoder.training.distributed import shard_model
 
             shard_model(model)
         self.model = model
+        # LoRA: the head (tied to the embedding) learns only the new tokens' rows; compute only their gradient
+        head_rows = (torch.tensor(new_token_rows, device=self.device)
+                     if c.lora.enabled and model.lm_head.weight.requires_grad else None)
+        self.loss_fn = MicroBatchLoss(model, self.block_size, self.mask_id, self.device,
+                                      chunk_rows=c.train.loss_chunk_rows or None, compiled=c.train.compile,
+                                      head_grad_rows=head_rows, full_logits=self.dist.enabled)
+
+    def _add_fim_tokens(self, model, tokenizer) -> list[int]:
+        """The FIM token ids the data uses (data built with --fim-rate) or the adapter of lora.init_from has, given
+        to the model and its tokenizer under the same ids (`convert.add_special_tokens`: mean-row init, the
+        vocabulary grows). None for plain data and no initial adapter."""
+        from diffcoder.convert import add_special_tokens
+        from diffcoder.fim import FimTokens, find_fim_tokens
+        from diffcoder.training.data import load_tokenizer, read_index
+
+        recorded = read_index(self.cfg.data.path).get("fim")
+        want = FimTokens.from_dict(recorded["tokens"]) if recorded else None
+        source = f"the data in {self.cfg.data.path}"
+        if want is None and self.init_adapter is not None:
+            want = find_fim_tokens(load_tokenizer(str(self.init_adapter)))
+            source = f"the adapter in {self.init_adapter}"
+        if want is None:
+            return []
+        if tokenizer is None:
+            raise ConfigError(f"{source} uses FIM tokens {list(want.names)} but the model has no tokenizer to add "
+                              "them to; start from a checkpoint with tokenizer files")
+        ids = add_special_tokens(model, tokenizer, want.names)
+        if tuple(ids) != want.ids:
+            raise ConfigError(f"{source} has FIM tokens {list(want.names)} at ids {list(want.ids)} but the model's "
+                              f"tokenizer gives them {ids}; rebuild the data with --tokenizer pointing at the model "
+                              f"({self.cfg.model.path})")
+        return ids
+
+    def _init_lora_from(self, adapter_dir: Path) -> None:
+        """Start from an earlier LoRA run's adapter: its LoRA matrices, and its token rows (exact from the trainer
+        state of a run checkpoint, else what the adapter files hold)."""
+        from diffcoder.training.lora import load_adapter_weights
+
+        try:
+            load_adapter_weights(self.model, adapter_dir)
+        except (KeyError, RuntimeError) as exc:
+            raise ConfigError(f"lora.init_from {adapter_dir} does not fit this run's LoRA (rank {self.cfg.lora.rank}, "
+                              f"targets {self.cfg.lora.targets}): {exc}") from exc
+        state = ckptlib.load_state(adapter_dir) if (adapter_dir / ckptlib.STATE_FILE).is_file() else {}
+        saved = state.get("token_rows")
+        if saved is not None and self.token_rows is not None and saved["index"] == self.token_rows.index.tolist():
+            self._restore_token_rows(saved)
+        elif self.token_rows is not None:
+            self.token_rows.read_weight()
+        self.log(f"LoRA initialised from {adapter_dir}")
 
     def _build_data(self) -> None:
         from diffcoder.training.data import PackedRows, SFTRows
@@ -188,15 +237,26 @@ class Trainer:
         check_vocab(self.model, self.train_rows.index, self.tokenizer)
 
     def _build_optimizer(self) -> None:
+        from diffcoder.training.token_rows import TokenRows
+
         o = self.cfg.optim
+        emb = self.model.model.embed_tokens.weight
+        # LoRA: AdamW gets the trained embedding rows as a [k, H] parameter, not the whole frozen embedding
+        self.token_rows = (TokenRows(emb, self.model._lora_config["trainable_token_indices"])
+                           if self.cfg.lora.enabled and emb.requires_grad else None)
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
-            if not p.requires_grad:
+            if not p.requires_grad or (self.token_rows is not None and p is emb):
                 continue
             (no_decay if p.ndim < 2 or "embed" in n or "norm" in n else decay).append(p)
+        if self.token_rows is not None:
+            no_decay.append(self.token_rows.param)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused AdamW (one kernel for all tensors) when everything lives on one GPU; FSDP's DTensors use foreach
+        kind = {"fused": True} if self.device.type == "cuda" and not self.dist.enabled else {
+            "foreach": self.device.type == "cuda"}
         self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2),
-                                     eps=o.eps, foreach=False)
+                                     eps=o.eps, **kind)
         self.trainable = [p for g in groups for p in g["params"]]
 
     def _prepare_out_dir(self) -> None:
@@ -239,6 +299,9 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "data_position": self.step * self.global_batch,
             "optimizer": None if self.dist.enabled else self.opt.state_dict(),
+            # LoRA's fully trained token rows (mask, FIM), whatever the adapter files keep of them
+            "token_rows": None if self.token_rows is None else {
+                "index": self.token_rows.index.tolist(), "rows": self.token_rows.param.detach().cpu()},
         }
 
     @property
@@ -276,6 +339,8 @@ class Trainer:
             from diffcoder.training.lora import load_adapter_weights
 
             load_adapter_weights(self.model, path)
+            if self.token_rows is not None:
+                self._restore_token_rows(state.get("token_rows"))
         else:
             load_model_weights(self.model, path)
         if state["optimizer"] is not None:
@@ -296,17 +361,20 @@ class Trainer:
                 os.replace(tmp, log)
         self.log(f"resumed from {path} at step {self.step}")
 
+    @torch.no_grad()
+    def _restore_token_rows(self, saved: dict[str, Any] | None) -> None:
+        if saved is None:  # a checkpoint from before token rows were kept in the trainer state
+            self.token_rows.read_weight()
+            return
+        self.token_rows.param.copy_(saved["rows"])
+        self.token_rows.write_back()
+
     # ------------------------------------------------------------------------------------------- the step
 
     def autocast(self):
         if self.device.type == "cuda" and self.cfg.train.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
-
-    def attn_mask(self, seq_len: int):
-        if self.device.type == "cuda":
-            return flex_training_mask(seq_len, self.block_size, self.device)
-        return training_block_mask(seq_len, self.block_size, self.device)[None, None]
 
     def global_batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0 [G, L], eligible [G, L]) of a step, identical whatever the micro-batch/rank split."""
@@ -322,61 +390,55 @@ class Trainer:
         diffusion = c.objective.kind == "diffusion"
         u_max = warmup_cap(self.step, c.objective.warmup_steps, c.objective.u_init) if diffusion else 1.0
         weighted = self.step >= c.objective.warmup_steps
+        # this rank's slice of the global batch, then micro-batches
+        mb = c.train.micro_batch_size
+        lo = self.dist.rank * mb * c.train.grad_accum
+        slices = [slice(lo + a * mb, lo + (a + 1) * mb) for a in range(c.train.grad_accum)]
         if diffusion:
             elig = shift_eligible(elig, self.shift)
             noise = sample_block_noise(elig, self.block_size, u_max=u_max, weighted=weighted,
                                        generator=noise_generator(c.train.seed, self.step),
                                        antithetic=c.objective.antithetic)
+            batches = diffusion_micro_batches(x0, noise, slices, self.block_size, self.shift, self.device)
             count = int(elig.sum())
         else:
             noise = None
+            batches = ar_micro_batches(x0, elig, slices, self.device)
             count = int(elig[:, 1:].sum())
         count = max(count, 1)
-        # this rank's slice of the global batch, then micro-batches
-        per_rank = c.train.micro_batch_size * c.train.grad_accum
-        lo = self.dist.rank * per_rank
-        mb = c.train.micro_batch_size
-        total = torch.zeros((), dtype=torch.float64)
         for lr_group in self.opt.param_groups:
             lr_group["lr"] = lr_at(self.step, c)
-        for a in range(c.train.grad_accum):
-            sl = slice(lo + a * mb, lo + (a + 1) * mb)
-            xb = x0[sl].to(self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in batches:  # nothing in here waits for the device
             with self.autocast():
-                if diffusion:
-                    nb = _slice_noise(noise, sl, self.device)
-                    logits = forward_diffusion(self.model, xb, nb, self.block_size, self.mask_id,
-                                               attn_mask=self.attn_mask(xb.shape[1]),
-                                               # FSDP: the root forward must run (it gathers the head)
-                                               noisy_only=not self.shift and not self.dist.enabled)
-                    loss_sum = diffusion_loss_sum(logits, xb, nb, self.block_size, self.shift)
-                else:
-                    pos = torch.arange(xb.shape[1], device=self.device)
-                    logits = self.model(xb, attn_mask=block_causal_mask(pos, pos, 1)[None, None])
-                    loss_sum = ar_loss_sum(logits, xb, elig[sl].to(self.device))
+                loss_sum = self.loss_fn(batch)
             # x world: FSDP averages gradients over ranks, the NELBO wants their sum over the global batch
-            loss = loss_sum / count * self.dist.world
-            loss.backward()
-            total += loss_sum.detach().double().cpu() / count
+            (loss_sum / count * self.dist.world).backward()
+            total += loss_sum.detach()
         if self.dist.enabled:
             torch.distributed.all_reduce(total)
-        grad_norm = self._clip()
+        if self.token_rows is not None:
+            self.token_rows.take_grad()
+        grad_norm = self._clip()  # the step's one read from the device (with the loss below)
         self.opt.step()
+        if self.token_rows is not None:
+            self.token_rows.write_back()
         self.opt.zero_grad(set_to_none=True)
+        loss = float(total) / count
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         self.step += 1
-        rec = {"kind": "train", "step": self.step - 1, "loss": float(total), "grad_norm": grad_norm,
-               "lr": self.opt.param_groups[0]["lr"], "u_max": u_max, "weighted": weighted,
-               "mask_ratio": float(noise.masked.sum()) / count if noise is not None else 0.0,
-               "tokens_per_s": x0.numel() / dt, "step_time_s": dt}
-        return rec
+        return {"kind": "train", "step": self.step - 1, "loss": loss, "grad_norm": grad_norm,
+                "lr": self.opt.param_groups[0]["lr"], "u_max": u_max, "weighted": weighted,
+                "mask_ratio": float(noise.masked.sum()) / count if noise is not None else 0.0,
+                "tokens_per_s": x0.numel() / dt, "step_time_s": dt}
 
     def _clip(self) -> float:
         clip = self.cfg.optim.grad_clip
         params = [p for p in self.trainable if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=False)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"),
+                                              foreach=self.device.type == "cuda")
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         return float(norm)
@@ -399,31 +461,24 @@ class Trainer:
             x0 = torch.cat(got)
             elig = torch.ones_like(x0, dtype=torch.bool)
         mb = c.train.micro_batch_size
-        chunks = [slice(a, a + mb) for a in range(0, x0.shape[0], mb)]
+        slices = [slice(a, a + mb) for a in range(0, x0.shape[0], mb)]
         out: dict[str, Any] = {"kind": "eval", "step": self.step}
         with self.autocast():
             if self.mask_id is not None:
                 e = shift_eligible(elig, self.shift)
                 grid = eval_time_grid(c.train.eval_t_points)
-                nelbo = 0.0
+                nelbo = torch.zeros((), dtype=torch.float64, device=self.device)
                 for j, t in enumerate(grid):
                     noise = sample_block_noise(e, self.block_size, generator=noise_generator(12345, j),
                                                t=torch.full((x0.shape[0], x0.shape[1] // self.block_size), t))
-                    for sl in chunks:
-                        xb, nb = x0[sl].to(self.device), _slice_noise(noise, sl, self.device)
-                        logits = forward_diffusion(self.model, xb, nb, self.block_size, self.mask_id,
-                                                   attn_mask=self.attn_mask(xb.shape[1]),
-                                               # FSDP: the root forward must run (it gathers the head)
-                                               noisy_only=not self.shift and not self.dist.enabled)
-                        nelbo += float(diffusion_loss_sum(logits, xb, nb, self.block_size, self.shift))
-                out["eval_nelbo"] = nelbo / len(grid) / max(int(e.sum()), 1)
-            ar = 0.0
-            pos = torch.arange(x0.shape[1], device=self.device)
-            causal = block_causal_mask(pos, pos, 1)[None, None]
-            for sl in chunks:
-                xb = x0[sl].to(self.device)
-                ar += float(ar_loss_sum(self.model(xb, attn_mask=causal), xb, elig[sl].to(self.device)))
-            out["eval_ar_nll"] = ar / max(int(elig[:, 1:].sum()), 1)
+                    for batch in diffusion_micro_batches(x0, noise, slices, self.block_size, self.shift,
+                                                         self.device):
+                        nelbo += self.loss_fn(batch)
+                out["eval_nelbo"] = float(nelbo) / len(grid) / max(int(e.sum()), 1)
+            ar = torch.zeros((), dtype=torch.float64, device=self.device)
+            for batch in ar_micro_batches(x0, elig, slices, self.device):
+                ar += self.loss_fn(batch)
+            out["eval_ar_nll"] = float(ar) / max(int(elig[:, 1:].sum()), 1)
         self.model.train()
         return out
 
@@ -477,16 +532,24 @@ class Trainer:
         return {"last": last, "eval": ev, "checkpoint": str(final), "final": str(self.out / "final")}
 
 
+def adapter_source(spec: str) -> Path:
+    """lora.init_from: an adapter directory as is; a LoRA run directory -> its latest checkpoint (whose trainer
+    state holds the token rows exactly)."""
+    p = Path(spec)
+    if not p.is_dir():
+        raise ConfigError(f"lora.init_from {p} does not exist; give a LoRA run directory (e.g. runs/cpt) or one "
+                          "of its checkpoints")
+    if (p / "adapter_config.json").is_file():
+        return p
+    found = ckptlib.list_checkpoints(p)
+    if found and (found[-1] / "adapter_config.json").is_file():
+        return found[-1]
+    raise ConfigError(f"lora.init_from {p} is neither a LoRA adapter directory nor a LoRA run with checkpoints")
+
+
 def _before(rec: dict[str, Any], step: int) -> bool:
     """Log records made before the checkpoint at `step` (train record k is the k-th step; eval at k after it)."""
     return rec["step"] < step if rec.get("kind") == "train" else rec["step"] <= step
-
-
-def _slice_noise(noise, sl, device):
-    from diffcoder.training.objective import BlockNoise
-
-    return BlockNoise(masked=noise.masked[sl].to(device), weight=noise.weight[sl].to(device),
-                      t=noise.t[sl].to(device), rate=noise.rate[sl].to(device))
 
 
 def write_hf_dir(model, dest: Path, tokenizer=None, diffusion_trained: bool = True) -> None:
