@@ -129,6 +129,7 @@ def stable_diffcoder_layout(tmp_path):
     cfg.update(architectures=["StableDiffcoderForCausalLM"], model_type="llama", attention_dropout=0.1,
                auto_map={"AutoModelForCausalLM": "modeling_stable_diffcoder.StableDiffcoderForCausalLM"})
     (path / "config.json").write_text(json.dumps(cfg))
+    (path / "manifest.json").unlink()  # the official release carries no manifest of ours
     return path, model
 
 
