@@ -45,7 +45,7 @@ def test_info(ckpt):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["generate", "x", "--gen-length", "10", "--steps", "10"], "gen_length (10) must be a positive multiple"),
+    (["generate", "x", "--gen-length", "10", "--steps", "10"], "--gen-length (10) must be a positive multiple"),
     (["generate", "x", "--gen-length", "8", "--steps", "3"], "try steps=2 or 4"),
     (["generate", "x", "--dtype", "float8"], "unknown dtype 'float8'"),
     (["generate", "   "], "empty prompt"),

@@ -110,6 +110,25 @@ class DecodeSettings:
         settings.validate(lambda k: origin.get(k) or label(k))
         return settings
 
+    @classmethod
+    def resolve_ar(cls, user: Mapping[str, Any], defaults: Mapping[str, Any] | None = None,
+                   command: str = "generate", label: Callable[[str], str] = flag_name,
+                   extra_flags: list[str] | tuple[str, ...] = ()) -> DecodeSettings:
+        """Settings for plain AR decoding (the baseline): block 1 with shift, which is exactly causal decoding.
+
+        Diffusion-only values the user gave are refused in one line (with `extra_flags`, other such flags of the
+        caller); the checkpoint's are ignored. A gen_length counts as max_new_tokens (no blocks to fill)."""
+        given = [label(k) for k in DIFFUSION_ONLY if user.get(k) is not None] + list(extra_flags)
+        if given:
+            them = given[0] if len(given) == 1 else ", ".join(given[:-1]) + " and " + given[-1]
+            raise DecodingError(f"AR decoding (--ar) commits one token per forward, so {them} "
+                                f"{'does' if len(given) == 1 else 'do'} not apply; drop {them}, or drop --ar")
+        user, defaults = dict(user), {k: v for k, v in (defaults or {}).items() if k not in DIFFUSION_ONLY}
+        for d in (user, defaults):
+            if d.get("gen_length") is not None and d.get("max_new_tokens") is None:
+                d["max_new_tokens"] = d.pop("gen_length")
+        return cls.resolve({**user, "block_length": 1, "shift": True}, defaults, command, label)
+
     def with_seed(self) -> tuple[DecodeSettings, bool]:
         """(settings, drew): a sampling decode without a seed gets a fresh random one, so it can be reproduced."""
         if self.seed is not None or not self.sampling:

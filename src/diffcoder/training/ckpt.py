@@ -6,6 +6,8 @@ Write protocol (a kill at any moment leaves the last good checkpoint intact):
 2. one `os.replace` renames it to `step_N` (a new name, so nothing old is ever replaced in place);
 3. `latest` (a one-line pointer file) is rewritten by temp file + rename.
 On resume the newest complete `step_N` (the pointer, else a scan) wins; partial directories are deleted.
+Each checkpoint carries a manifest (size and sha256 of every file, written before the rename); resume checks it
+and, when a file was damaged afterwards, names the file and the previous checkpoint to fall back to.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from diffcoder import manifest
 from diffcoder.errors import CheckpointError
 
 STATE_FILE = "trainer_state.pt"
@@ -78,6 +81,7 @@ def write_checkpoint(root: Path, step: int, write_model: Callable[[Path], None],
     write_model(partial)
     if is_writer:
         torch.save(state, partial / STATE_FILE)
+        manifest.write_manifest(partial)  # over everything: model files, trainer state, dcp shards
         _fault_point("save-before-rename")
         _fsync_tree(partial)
     if barrier:
@@ -123,12 +127,27 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def fallback_advice(ckpt: Path) -> str:
+    """What to do about a damaged checkpoint: resume from the one before it (named), or start over."""
+    earlier = [p for p in list_checkpoints(ckpt.parent.parent) if p.name < ckpt.name]
+    aside = ckpt.parent / f"damaged-{ckpt.name}"
+    if earlier:
+        return (f"resume from the previous checkpoint {earlier[-1].name} instead: move this one aside "
+                f"(`mv {ckpt} {aside}`) and rerun with --resume")
+    return (f"there is no earlier checkpoint to fall back to: move it aside (`mv {ckpt} {aside}`) and rerun "
+            "without --resume to start over, or use a new train.out_dir")
+
+
+def verify_checkpoint(ckpt: Path) -> bool:
+    """Check a training checkpoint against its manifest; False when it has none (written before manifests)."""
+    return manifest.verify(ckpt, fallback_advice(ckpt))
+
+
 def load_state(ckpt: Path) -> dict[str, Any]:
     try:
         return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as exc:  # a checkpoint that was published is complete; this means outside damage
-        raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable ({exc}); delete {ckpt} to resume from the "
-                              "previous checkpoint") from exc
+        raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable ({exc}); {fallback_advice(ckpt)}") from exc
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -51,6 +51,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    from diffcoder.outputs import png_metadata
+
+    fig.savefig(out, dpi=100, metadata=png_metadata())
     plt.close(fig)
     return out

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffcoder import resolve_dtype
-from diffcoder.errors import CheckpointError, ConfigError
+from diffcoder.errors import CheckpointError, ConfigError, DiffcoderError
 from diffcoder.model import block_causal_mask
 from diffcoder.training import ckpt as ckptlib
 from diffcoder.training.config import TrainConfig, validate
@@ -104,8 +104,10 @@ def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False):
-        self.cfg, self.resume, self.quiet = cfg, resume, quiet
+    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False, force: bool = False):
+        self.cfg, self.resume, self.quiet, self.force = cfg, resume, quiet, force
+        self.resumed_from: Path | None = None  # the checkpoint this process resumed from, and at which step
+        self.resumed_step = -1
         dev = cfg.train.device
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -171,20 +173,18 @@ class Trainer:
 
         c = self.cfg
         if c.data.kind == "cpt":
-            self.train_rows = PackedRows(c.data.path, "train", c.data.seq_len, seed=c.train.seed)
-            try:
-                self.val_rows = PackedRows(c.data.path, "val", c.data.seq_len, seed=c.train.seed)
-            except Exception:
-                self.val_rows = None
+            rows = lambda split: PackedRows(c.data.path, split, c.data.seq_len, seed=c.train.seed)  # noqa: E731
         else:
             pad = self.model.config.pad_token_id
             pad = pad if pad is not None else self.model.config.eos_token_id or 0
             kw = dict(seed=c.train.seed, min_eos=c.data.min_eos, max_eos=c.data.max_eos, pad_id=pad)
-            self.train_rows = SFTRows(c.data.path, "train", c.data.seq_len, **kw)
-            try:
-                self.val_rows = SFTRows(c.data.path, "val", c.data.seq_len, **kw)
-            except Exception:
-                self.val_rows = None
+            rows = lambda split: SFTRows(c.data.path, split, c.data.seq_len, warn=self.warn, **kw)  # noqa: E731
+        self.train_rows = rows("train")
+        try:
+            self.val_rows = rows("val")
+        except DiffcoderError as exc:  # training goes on, but nobody should read a missing eval as a value
+            self.val_rows = None
+            self.warn(f"no held-out evaluation for this run: {exc}")
         check_vocab(self.model, self.train_rows.index, self.tokenizer)
 
     def _build_optimizer(self) -> None:
@@ -202,6 +202,11 @@ class Trainer:
     def _prepare_out_dir(self) -> None:
         cfgd = self.cfg.to_dict()
         run_file = self.out / "run.json"
+        if self.dist.rank == 0:  # a folder that is not a run of ours is not ours to fill (or to clear a log in)
+            from diffcoder.outputs import check_output_dir
+
+            check_output_dir(self.out, self.force, "write a training run into it",
+                             ours=lambda p: (p / "run.json").is_file())
         latest = ckptlib.latest_checkpoint(self.out) if self.dist.rank == 0 else None
         if self.dist.enabled:
             obj = [str(latest) if latest else None]
@@ -264,22 +269,28 @@ class Trainer:
                                         barrier=self.dist.barrier)
 
     def _load_checkpoint(self, path: Path) -> None:
+        self._on_rank0(lambda: self._check_checkpoint(path))
         state = ckptlib.load_state(path)
         if state.get("run_id") != self.run_id:
             raise CheckpointError(f"{path} was written by another run (run id {state.get('run_id')} vs "
                                   f"{self.run_id}); set train.out_dir to a new directory")
-        if self.dist.enabled:
-            from diffcoder.training.distributed import load_distributed
+        try:
+            if self.dist.enabled:
+                from diffcoder.training.distributed import load_distributed
 
-            load_distributed(self, path)
-        elif self.cfg.lora.enabled:
-            from diffcoder.training.lora import load_adapter_weights
+                load_distributed(self, path)
+            elif self.cfg.lora.enabled:
+                from diffcoder.training.lora import load_adapter_weights
 
-            load_adapter_weights(self.model, path)
-        else:
-            load_model_weights(self.model, path)
-        if state["optimizer"] is not None:
-            self.opt.load_state_dict(state["optimizer"])
+                load_adapter_weights(self.model, path)
+            else:
+                load_model_weights(self.model, path)
+            if state["optimizer"] is not None:
+                self.opt.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError, OSError) as exc:  # damage no manifest caught (an old one)
+            raise CheckpointError(f"{path} does not load into this run's model ({exc}); "
+                                  f"{ckptlib.fallback_advice(path)}") from exc
+        check_finite(self.model, self.opt, path)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -287,6 +298,7 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = state["step"]
+        self.resumed_from, self.resumed_step = path, self.step
         if self.dist.rank == 0:  # drop log lines of steps the killed run did after this checkpoint
             log = self.out / "log.jsonl"
             if log.exists():
@@ -295,6 +307,28 @@ class Trainer:
                 tmp.write_text("".join(x + "\n" for x in keep))
                 os.replace(tmp, log)
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _check_checkpoint(self, path: Path) -> None:
+        """Before trusting a checkpoint: its manifest, and (for full models) that its config is this run's model."""
+        if not ckptlib.verify_checkpoint(path):
+            self.log(f"note: {path} has no manifest (written by an older version); its files cannot be checked")
+        if (path / "config.json").is_file():
+            check_same_model(path, self.model.config)
+
+    def _on_rank0(self, check) -> None:
+        """Run check() on rank 0 only and raise its CheckpointError on every rank (no rank is left waiting)."""
+        problem = None
+        if self.dist.rank == 0:
+            try:
+                check()
+            except CheckpointError as exc:
+                problem = str(exc)
+        if self.dist.enabled:
+            obj = [problem]
+            torch.distributed.broadcast_object_list(obj, src=0)
+            problem = obj[0]
+        if problem:
+            raise CheckpointError(problem)
 
     # ------------------------------------------------------------------------------------------- the step
 
@@ -416,22 +450,47 @@ class Trainer:
                                                # FSDP: the root forward must run (it gathers the head)
                                                noisy_only=not self.shift and not self.dist.enabled)
                         nelbo += float(diffusion_loss_sum(logits, xb, nb, self.block_size, self.shift))
-                out["eval_nelbo"] = nelbo / len(grid) / max(int(e.sum()), 1)
+                out["eval_nelbo"] = self._per_token(nelbo / len(grid), int(e.sum()), "eval_nelbo")
             ar = 0.0
             pos = torch.arange(x0.shape[1], device=self.device)
             causal = block_causal_mask(pos, pos, 1)[None, None]
             for sl in chunks:
                 xb = x0[sl].to(self.device)
                 ar += float(ar_loss_sum(self.model(xb, attn_mask=causal), xb, elig[sl].to(self.device)))
-            out["eval_ar_nll"] = ar / max(int(elig[:, 1:].sum()), 1)
+            out["eval_ar_nll"] = self._per_token(ar, int(elig[:, 1:].sum()), "eval_ar_nll")
         self.model.train()
         return out
 
+    def _per_token(self, total: float, count: int, name: str) -> float | None:
+        """A per-token eval value, or None (logged as null, with a warning) when no held-out token was scored."""
+        if count > 0:
+            return total / count
+        self.warn(f"{name} at step {self.step} scored no tokens ({self.cfg.train.eval_batches} eval batches of "
+                  f"{self.global_batch} rows had none eligible, e.g. SFT prompts of >= data.seq_len "
+                  f"{self.cfg.data.seq_len} tokens); it is logged as null, not as a value")
+        return None
+
     # ------------------------------------------------------------------------------------------- loop
+
+    def _nonfinite_loss_error(self, rec: dict[str, Any]) -> DiffcoderError:
+        """A NaN/inf loss on the first step after a resume means the checkpoint, not the learning rate."""
+        if self.resumed_from is not None and rec["step"] == self.resumed_step:
+            return CheckpointError(
+                f"loss became {rec['loss']} at step {rec['step']}, the first step after resuming from "
+                f"{self.resumed_from}: the checkpoint's weights or optimizer state are damaged (the same step ran "
+                f"finite before the save, so lowering optim.lr would not help); "
+                f"{ckptlib.fallback_advice(self.resumed_from)}")
+        return ConfigError(f"loss became {rec['loss']} at step {rec['step']}; lower optim.lr or enable "
+                           "objective.warmup_steps")
 
     def log(self, msg: str) -> None:
         if self.dist.rank == 0 and not self.quiet:
             tqdm.write(msg, file=sys.stderr)
+
+    def warn(self, msg: str) -> None:
+        """A warning is shown even with --quiet: it says something the user must act on."""
+        if self.dist.rank == 0:
+            tqdm.write(f"warning: {msg}", file=sys.stderr)
 
     def write_log(self, rec: dict[str, Any]) -> None:
         if self.dist.rank == 0:
@@ -455,8 +514,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", gnorm=f"{rec['grad_norm']:.2f}", u_max=f"{rec['u_max']:.2f}")
             if not math.isfinite(rec["loss"]):
-                raise ConfigError(f"loss became {rec['loss']} at step {rec['step']}; lower optim.lr or enable "
-                                  "objective.warmup_steps")
+                raise self._nonfinite_loss_error(rec)
             if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
                 ev = self.evaluate()
                 if ev:
@@ -471,10 +529,55 @@ class Trainer:
         if self.dist.rank == 0:  # the exported model replaces any old one in a single rename
             from diffcoder.checkpoint import atomic_directory
 
-            atomic_directory(self.out / "final", lambda tmp: shutil.copytree(
-                final, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ckptlib.STATE_FILE, "dcp")))
+            atomic_directory(self.out / "final", lambda tmp: export_model_files(final, tmp))
         self.dist.barrier()
         return {"last": last, "eval": ev, "checkpoint": str(final), "final": str(self.out / "final")}
+
+
+def export_model_files(ckpt: Path, dest: Path) -> None:
+    """Copy a checkpoint's model files (not the trainer state or distributed shards) with their manifest."""
+    from diffcoder import manifest
+
+    shutil.copytree(ckpt, dest, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(ckptlib.STATE_FILE, "dcp", manifest.MANIFEST))
+    m = manifest.read_manifest(ckpt)
+    if m is not None:
+        m["files"] = {k: v for k, v in m["files"].items() if (dest / k).is_file()}
+        manifest.write_manifest(dest, m)
+
+
+# Config fields that fix the shape or meaning of the weights: a resumed checkpoint must match the run's model.
+MODEL_IDENTITY_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                         "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mask_token_id",
+                         "block_size", "shift")
+
+
+def check_same_model(ckpt: Path, cfg) -> None:
+    """The checkpoint's config.json must parse and describe the run's model (catches damage without a manifest)."""
+    from diffcoder.checkpoint import read_config
+
+    try:
+        d = read_config(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} — {ckptlib.fallback_advice(ckpt)}") from exc
+    diff = [f"{k}={d.get(k)!r} (the run's model: {getattr(cfg, k)!r})" for k in MODEL_IDENTITY_FIELDS
+            if k in d and d[k] != getattr(cfg, k)]
+    if diff:
+        raise CheckpointError(f"{ckpt}/config.json does not describe this run's model: {'; '.join(diff[:3])}; it "
+                              f"was damaged or edited; {ckptlib.fallback_advice(ckpt)}")
+
+
+@torch.no_grad()
+def check_finite(model, opt, ckpt: Path) -> None:
+    """Every weight and optimizer moment of a resumed checkpoint must be finite."""
+    tensors = [(n, p) for n, p in model.named_parameters()]
+    for i, st in enumerate(opt.state.values()):
+        tensors += [(f"optimizer state {i}.{k}", v) for k, v in st.items() if torch.is_tensor(v) and v.ndim]
+    for name, t in tensors:
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{ckpt} holds non-finite values (NaN or inf) in {name}; the checkpoint is "
+                                  f"damaged; {ckptlib.fallback_advice(ckpt)}")
 
 
 def _before(rec: dict[str, Any], step: int) -> bool:
@@ -516,8 +619,8 @@ def load_model_weights(model, ckpt: Path) -> None:
                               "; it was written by another run")
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    trainer = Trainer(cfg, resume=resume, quiet=quiet)
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, force: bool = False) -> dict[str, Any]:
+    trainer = Trainer(cfg, resume=resume, quiet=quiet, force=force)
     try:
         return trainer.run()
     finally:
