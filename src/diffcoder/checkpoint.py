@@ -180,23 +180,29 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; run `diffcoder pull smollm2` or give a checkpoint path")
+    has_manifest = (path / manifest.MANIFEST).is_file()
     try:
-        d = read_config(path)
-        tokenizer = load_tokenizer(path)
-        cfg = ModelConfig.from_hf_dict(d)
-        if cfg.mask_token_id is None:
-            cfg.mask_token_id = find_mask_token(tokenizer)
-        if "block_size" not in d and "block_length" in d:
-            cfg.block_size = int(d["block_length"])
-        model = build_model(cfg, read_weights(weight_files(path)), dtype, device)
+        model, tokenizer = _build_from_dir(path, dtype, device)
     except DiffcoderError as exc:  # say too which files changed since the save, when the manifest knows
-        damage = manifest.find_damage(path) if (path / manifest.MANIFEST).is_file() else []
-        if damage:
-            raise CheckpointError(f"{exc}; the manifest shows: {'; '.join(damage[:3])}") from exc
+        problems = manifest.find_damage(path) if has_manifest else []
+        if problems:
+            raise CheckpointError(f"{exc}; the manifest shows: {'; '.join(problems[:3])}") from exc
         raise
-    verify_checkpoint(path)
+    if has_manifest:  # files that parse can still be damaged: 16 KB of weights overwritten in place
+        verify_checkpoint(path)
     model.generation_defaults = read_generation_defaults(path)
     return model, tokenizer
+
+
+def _build_from_dir(path: Path, dtype: torch.dtype, device):
+    d = read_config(path)
+    tokenizer = load_tokenizer(path)
+    cfg = ModelConfig.from_hf_dict(d)
+    if cfg.mask_token_id is None:
+        cfg.mask_token_id = find_mask_token(tokenizer)
+    if "block_size" not in d and "block_length" in d:
+        cfg.block_size = int(d["block_length"])
+    return build_model(cfg, read_weights(weight_files(path)), dtype, device), tokenizer
 
 
 def verify_checkpoint(path: Path) -> bool:
