@@ -199,3 +199,88 @@ def test_bad_checkpoints_name_the_problem(tmp_path, breakage, needle):
         cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "intermediate_size": 100}))
     with pytest.raises(CheckpointError, match=needle.replace("(", r"\(")):
         diffcoder.load(path)
+
+
+# ------------------------------------------------------------------------------------------ manifests
+
+
+def test_save_writes_a_manifest_of_every_file(tmp_path):
+    import hashlib
+
+    from diffcoder.testing import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "ck")
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    on_disk = sorted(p.name for p in path.iterdir() if p.name != "manifest.json")
+    assert sorted(files) == on_disk and "model.safetensors" in files and "tokenizer.json" in files
+    for name, rec in files.items():
+        data = (path / name).read_bytes()
+        assert rec == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def overwrite_in_place(f, nbytes: int = 16 * 1024) -> None:
+    """Overwrite nbytes in the middle of a file with other bytes, keeping its size (silent disk damage)."""
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + nbytes] = bytes((b + 1) % 256 for b in data[mid : mid + nbytes])
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_weights_overwritten_in_place_are_caught_at_load(tmp_path, sharded):
+    path = save_checkpoint(tiny_model(seed=1), tmp_path / "ck", max_shard_bytes=40_000 if sharded else 4 << 30)
+    victim = sorted(path.glob("model*.safetensors"))[-1]
+    overwrite_in_place(victim)
+    with pytest.raises(CheckpointError) as e:
+        diffcoder.load(path)
+    msg = str(e.value)
+    assert f"{victim.name} changed after the checkpoint was saved (same size" in msg and "re-save" in msg
+    (path / "manifest.json").unlink()  # without the manifest the damage would load silently: what it guards
+    diffcoder.load(path)
+
+
+def test_checkpoints_without_manifest_load_and_a_corrupt_manifest_is_named(tmp_path):
+    path = save_checkpoint(tiny_model(seed=1), tmp_path / "ck")
+    (path / "manifest.json").write_bytes(b"\x00\xffgarbage")
+    with pytest.raises(CheckpointError, match="manifest.json is damaged"):
+        diffcoder.load(path)
+    (path / "manifest.json").unlink()
+    diffcoder.load(path)
+    (path / "README.md").write_text("notes")  # files added later are not the manifest's business
+    from diffcoder.checkpoint import rehash_checkpoint
+
+    rehash_checkpoint(path)
+    (path / "README.md").unlink()
+    with pytest.raises(CheckpointError, match="README.md is missing"):
+        diffcoder.load(path)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("num_hidden_layers", "2", "num_hidden_layers must be a positive whole number, got '2'"),
+    ("hidden_size", 64.0, "hidden_size must be a positive whole number, got 64.0"),
+    ("hidden_size", 0, "hidden_size must be a positive whole number, got 0"),
+    ("tie_word_embeddings", "no", "tie_word_embeddings must be true or false"),
+    ("rope_theta", "big", "rope_theta must be a positive number"),
+    ("block_size", [4], "block_size must be a whole number"),
+])
+def test_config_fields_of_the_wrong_type_are_named(tmp_path, key, value, needle):
+    path = save_checkpoint(tiny_model(seed=1), tmp_path / "ck")
+    (path / "manifest.json").unlink()  # an older checkpoint: the type checks alone must catch it
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(CheckpointError, match=re_escape(needle)):
+        diffcoder.load(path)
+
+
+def test_a_structural_error_also_reports_what_the_manifest_saw(tmp_path):
+    path = save_checkpoint(tiny_model(seed=1), tmp_path / "ck")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
+    with pytest.raises(CheckpointError, match=r"has shape .*the manifest shows: config.json changed after"):
+        diffcoder.load(path)
+
+
+def re_escape(s: str) -> str:
+    import re
+
+    return re.escape(s)

@@ -40,7 +40,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
                 ax.set_yscale("log")
         ax = axes.flat[5]
         for key, style in (("eval_nelbo", "-o"), ("eval_ar_nll", "--s")):
-            pts = [(r["step"], r[key]) for r in evals if key in r]
+            pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]  # null: nothing scored
             if pts:
                 ax.plot(*zip(*pts), style, label=f"{label} {key}", ms=3)
         ax.set_title("held-out NELBO / AR NLL")
