@@ -86,3 +86,12 @@ def test_sampling_without_a_seed_draws_one_and_greedy_needs_none():
     fixed, drew = DecodeSettings.resolve({"temperature": 0.8, "seed": 7}, CKPT).with_seed()
     assert not drew and fixed.seed == 7
     assert DecodeSettings.resolve({"remasking": "random"}, CKPT).sampling  # random remasking draws too
+
+
+def test_the_decoder_itself_refuses_block_length_zero():
+    """The official call path (no DecodeSettings) must not read 0 as 'the checkpoint's block size'."""
+    from diffcoder.decoding import generate
+    from diffcoder.testing import tiny_model
+
+    with pytest.raises(DecodingError, match="block_length must be >= 1, got 0"):
+        generate(tiny_model(), [[1, 2, 3]], block_length=0, max_new_tokens=4)

@@ -104,6 +104,16 @@ def test_weights_damaged_in_place_are_refused_and_the_named_fallback_resumes(tin
     assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(12))  # steps 4..7 redone, then on
 
 
+def test_a_damaged_trainer_state_is_named(tiny_setup, run):
+    f = newest(run) / "trainer_state.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    f.write_bytes(bytes(data))
+    rc, err = resume(tiny_setup, run)
+    line = err.strip().splitlines()[-1]
+    assert rc == 2 and "trainer_state.pt changed after the checkpoint was saved" in line and "step_0000004" in line
+
+
 def poison(ck: Path, value: float) -> None:
     """Set the final norm of a checkpoint to `value` and drop its manifest (damage an old checkpoint can carry)."""
     sd = load_file(str(ck / "model.safetensors"))
