@@ -190,7 +190,8 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
         raise
     if has_manifest:  # files that parse can still be damaged: 16 KB of weights overwritten in place
         verify_checkpoint(path)
-    model.generation_defaults = read_generation_defaults(path)
+    # what generation_config.json says (kept on a re-save); callers decoding use read_generation_defaults(path)
+    model.generation_defaults = read_generation_defaults(path, with_config=False)
     return model, tokenizer
 
 
@@ -229,9 +230,10 @@ def _read_json_object(f: Path) -> dict[str, Any]:
     return d
 
 
-def read_generation_defaults(path: str | Path) -> dict[str, Any]:
-    """The decoding defaults a checkpoint records: the decoding keys of its generation_config.json, with the block
-    size and shift of its config (config.json, or adapter_config.json for an adapter) where that file has none.
+def read_generation_defaults(path: str | Path, with_config: bool = True) -> dict[str, Any]:
+    """The decoding defaults a checkpoint records: the decoding keys of its generation_config.json, with (unless
+    with_config=False) the block size and shift of its config (config.json, or adapter_config.json for an adapter)
+    where that file has none.
 
     A training run directory stands for its final (or latest) checkpoint; a .gguf file records nothing. This is
     what `DecodeSettings.resolve` takes as the checkpoint's defaults."""
@@ -245,7 +247,7 @@ def read_generation_defaults(path: str | Path) -> dict[str, Any]:
     if gen_file.is_file():
         gen = _read_json_object(gen_file)
         out = {k: gen[k] for k in CHECKPOINT_KEYS if gen.get(k) is not None}
-    for name in ("config.json", "adapter_config.json"):
+    for name in ("config.json", "adapter_config.json") if with_config else ():
         if (path / name).is_file():
             cfg = _read_json_object(path / name)
             block = cfg.get("block_size", cfg.get("block_length"))
