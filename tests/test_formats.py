@@ -21,12 +21,13 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, model, q8_1_tensor=False):
+def write_gguf(path, model, q8_1_tensor=False, no_block_count=False, rope_freqs=False):
     import gguf
 
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
+    if not no_block_count:
+        w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -58,6 +59,8 @@ def write_gguf(path, model, q8_1_tensor=False):
             w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.Q8_1)
         else:
             w.add_tensor(name, np.ascontiguousarray(a))
+    if rope_freqs:  # Llama-3 style RoPE scaling factors
+        w.add_tensor("rope_freqs.weight", np.ones(cfg.head_dim // 2, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -78,6 +81,16 @@ def test_gguf_quantization_the_gguf_package_cannot_dequantize(tmp_path):
     write_gguf(tmp_path / "q.gguf", tiny_model(seed=7), q8_1_tensor=True)
     with pytest.raises(CheckpointError, match="Q8_1.*cannot dequantize"):
         diffcoder.load(tmp_path / "q.gguf")
+
+
+@pytest.mark.parametrize("flaw,needle", [
+    ("no_block_count", "has no llama.block_count in its metadata"),
+    ("rope_freqs", "GGUF tensor 'rope_freqs.weight' is not a weight of the llama/qwen2 layout we read (RoPE scaling"),
+])
+def test_gguf_we_cannot_read_is_named(tmp_path, flaw, needle):
+    write_gguf(tmp_path / "x.gguf", tiny_model(seed=7), **{flaw: True})
+    with pytest.raises(CheckpointError, match=re_escape(needle)):
+        diffcoder.load(tmp_path / "x.gguf")
 
 
 def test_not_a_gguf_file(tmp_path):

@@ -202,11 +202,11 @@ class Trainer:
     def _prepare_out_dir(self) -> None:
         cfgd = self.cfg.to_dict()
         run_file = self.out / "run.json"
-        if self.dist.rank == 0:  # a folder that is not a run of ours is not ours to fill (or to clear a log in)
-            from diffcoder.outputs import check_output_dir
+        from diffcoder.outputs import check_output_dir
 
-            check_output_dir(self.out, self.force, "write a training run into it",
-                             ours=lambda p: (p / "run.json").is_file())
+        # a folder that is not a run of ours is not ours to fill (or to clear a log in)
+        self._on_rank0(lambda: check_output_dir(self.out, self.force, "write a training run into it",
+                                                ours=lambda p: (p / "run.json").is_file()))
         latest = ckptlib.latest_checkpoint(self.out) if self.dist.rank == 0 else None
         if self.dist.enabled:
             obj = [str(latest) if latest else None]
@@ -316,19 +316,19 @@ class Trainer:
             check_same_model(path, self.model.config)
 
     def _on_rank0(self, check) -> None:
-        """Run check() on rank 0 only and raise its CheckpointError on every rank (no rank is left waiting)."""
+        """Run check() on rank 0 only and raise its DiffcoderError on every rank (no rank is left waiting)."""
         problem = None
         if self.dist.rank == 0:
             try:
                 check()
-            except CheckpointError as exc:
-                problem = str(exc)
+            except DiffcoderError as exc:
+                problem = exc
         if self.dist.enabled:
             obj = [problem]
             torch.distributed.broadcast_object_list(obj, src=0)
             problem = obj[0]
-        if problem:
-            raise CheckpointError(problem)
+        if problem is not None:
+            raise problem
 
     # ------------------------------------------------------------------------------------------- the step
 
