@@ -150,6 +150,50 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable ({exc}); {fallback_advice(ckpt)}") from exc
 
 
+def export_model_files(ckpt: Path, dest: Path) -> None:
+    """Copy a checkpoint's model files (not the trainer state or distributed shards) with their manifest."""
+    shutil.copytree(ckpt, dest, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(STATE_FILE, "dcp", manifest.MANIFEST))
+    m = manifest.read_manifest(ckpt)
+    if m is not None:
+        m["files"] = {k: v for k, v in m["files"].items() if (dest / k).is_file()}
+        manifest.write_manifest(dest, m)
+
+
+# Config fields that fix the shape or meaning of the weights: a resumed checkpoint must match the run's model.
+MODEL_IDENTITY_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                         "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mask_token_id",
+                         "block_size", "shift")
+
+
+def check_same_model(ckpt: Path, cfg) -> None:
+    """The checkpoint's config.json must parse and describe the run's model (catches damage without a manifest)."""
+    from diffcoder.checkpoint import read_config
+
+    try:
+        d = read_config(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} — {fallback_advice(ckpt)}") from exc
+    diff = [f"{k}={d.get(k)!r} (the run's model: {getattr(cfg, k)!r})" for k in MODEL_IDENTITY_FIELDS
+            if k in d and d[k] != getattr(cfg, k)]
+    if diff:
+        raise CheckpointError(f"{ckpt}/config.json does not describe this run's model: {'; '.join(diff[:3])}; it "
+                              f"was damaged or edited; {fallback_advice(ckpt)}")
+
+
+@torch.no_grad()
+def check_finite(model, opt, ckpt: Path) -> None:
+    """Every weight and optimizer moment of a resumed checkpoint must be finite."""
+    tensors = [(n, p) for n, p in model.named_parameters()]
+    for i, st in enumerate(opt.state.values()):
+        tensors += [(f"optimizer state {i}.{k}", v) for k, v in st.items() if torch.is_tensor(v) and v.ndim]
+    for name, t in tensors:
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{ckpt} holds non-finite values (NaN or inf) in {name}; the checkpoint is "
+                                  f"damaged; {fallback_advice(ckpt)}")
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))

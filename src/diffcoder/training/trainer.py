@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -290,7 +289,7 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError, OSError) as exc:  # damage no manifest caught (an old one)
             raise CheckpointError(f"{path} does not load into this run's model ({exc}); "
                                   f"{ckptlib.fallback_advice(path)}") from exc
-        check_finite(self.model, self.opt, path)
+        ckptlib.check_finite(self.model, self.opt, path)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -313,7 +312,7 @@ class Trainer:
         if not ckptlib.verify_checkpoint(path):
             self.log(f"note: {path} has no manifest (written by an older version); its files cannot be checked")
         if (path / "config.json").is_file():
-            check_same_model(path, self.model.config)
+            ckptlib.check_same_model(path, self.model.config)
 
     def _on_rank0(self, check) -> None:
         """Run check() on rank 0 only and raise its DiffcoderError on every rank (no rank is left waiting)."""
@@ -529,55 +528,9 @@ class Trainer:
         if self.dist.rank == 0:  # the exported model replaces any old one in a single rename
             from diffcoder.checkpoint import atomic_directory
 
-            atomic_directory(self.out / "final", lambda tmp: export_model_files(final, tmp))
+            atomic_directory(self.out / "final", lambda tmp: ckptlib.export_model_files(final, tmp))
         self.dist.barrier()
         return {"last": last, "eval": ev, "checkpoint": str(final), "final": str(self.out / "final")}
-
-
-def export_model_files(ckpt: Path, dest: Path) -> None:
-    """Copy a checkpoint's model files (not the trainer state or distributed shards) with their manifest."""
-    from diffcoder import manifest
-
-    shutil.copytree(ckpt, dest, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(ckptlib.STATE_FILE, "dcp", manifest.MANIFEST))
-    m = manifest.read_manifest(ckpt)
-    if m is not None:
-        m["files"] = {k: v for k, v in m["files"].items() if (dest / k).is_file()}
-        manifest.write_manifest(dest, m)
-
-
-# Config fields that fix the shape or meaning of the weights: a resumed checkpoint must match the run's model.
-MODEL_IDENTITY_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                         "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mask_token_id",
-                         "block_size", "shift")
-
-
-def check_same_model(ckpt: Path, cfg) -> None:
-    """The checkpoint's config.json must parse and describe the run's model (catches damage without a manifest)."""
-    from diffcoder.checkpoint import read_config
-
-    try:
-        d = read_config(ckpt)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc} — {ckptlib.fallback_advice(ckpt)}") from exc
-    diff = [f"{k}={d.get(k)!r} (the run's model: {getattr(cfg, k)!r})" for k in MODEL_IDENTITY_FIELDS
-            if k in d and d[k] != getattr(cfg, k)]
-    if diff:
-        raise CheckpointError(f"{ckpt}/config.json does not describe this run's model: {'; '.join(diff[:3])}; it "
-                              f"was damaged or edited; {ckptlib.fallback_advice(ckpt)}")
-
-
-@torch.no_grad()
-def check_finite(model, opt, ckpt: Path) -> None:
-    """Every weight and optimizer moment of a resumed checkpoint must be finite."""
-    tensors = [(n, p) for n, p in model.named_parameters()]
-    for i, st in enumerate(opt.state.values()):
-        tensors += [(f"optimizer state {i}.{k}", v) for k, v in st.items() if torch.is_tensor(v) and v.ndim]
-    for name, t in tensors:
-        t = t.full_tensor() if hasattr(t, "full_tensor") else t
-        if not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{ckpt} holds non-finite values (NaN or inf) in {name}; the checkpoint is "
-                                  f"damaged; {ckptlib.fallback_advice(ckpt)}")
 
 
 def _before(rec: dict[str, Any], step: int) -> bool:
