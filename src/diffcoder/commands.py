@@ -7,10 +7,15 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from diffcoder.errors import DiffcoderError
+
+if TYPE_CHECKING:
+    from diffcoder.settings import DecodeSettings
 
 DEMO_REQUEST = "Write a Python function that checks whether a string is a palindrome."
 
@@ -51,7 +56,7 @@ def user_decoding_values(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k, None) for k in DecodeSettings.__dataclass_fields__}
 
 
-def decode_settings(args: argparse.Namespace, model, path, command: str = "generate"):
+def decode_settings(args: argparse.Namespace, model, path: Path, command: str = "generate") -> DecodeSettings:
     """The run's DecodeSettings: command-line values over the checkpoint's defaults, validated once."""
     from diffcoder.checkpoint import read_generation_defaults
     from diffcoder.errors import DecodingError
@@ -100,7 +105,7 @@ def check_device(name: str) -> str:
     return name
 
 
-def model_path(args: argparse.Namespace):
+def model_path(args: argparse.Namespace) -> Path:
     """The checkpoint path that --model names (None: the embedded default)."""
     from diffcoder.pull import resolve_model
 
@@ -174,7 +179,7 @@ class DenoisingView:
         self.lines_drawn = text.count("\n") + 1
 
 
-def run_generation(model, tokenizer, prompt: str, args, show: bool, settings) -> tuple[str, dict]:
+def run_generation(model, tokenizer, prompt: str, args, show: bool, settings: DecodeSettings) -> tuple[str, dict]:
     """Decode `prompt` with `settings` (a DecodeSettings); (text, speed figures)."""
     from diffcoder.decoding import generate, generate_ar
 
