@@ -21,12 +21,13 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, model, q8_1_tensor=False):
+def write_gguf(path, model, q8_1_tensor=False, no_block_count=False, rope_freqs=False):
     import gguf
 
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
+    if not no_block_count:
+        w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -58,6 +59,8 @@ def write_gguf(path, model, q8_1_tensor=False):
             w.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.Q8_1)
         else:
             w.add_tensor(name, np.ascontiguousarray(a))
+    if rope_freqs:  # Llama-3 style RoPE scaling factors
+        w.add_tensor("rope_freqs.weight", np.ones(cfg.head_dim // 2, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -78,6 +81,16 @@ def test_gguf_quantization_the_gguf_package_cannot_dequantize(tmp_path):
     write_gguf(tmp_path / "q.gguf", tiny_model(seed=7), q8_1_tensor=True)
     with pytest.raises(CheckpointError, match="Q8_1.*cannot dequantize"):
         diffcoder.load(tmp_path / "q.gguf")
+
+
+@pytest.mark.parametrize("flaw,needle", [
+    ("no_block_count", "has no llama.block_count in its metadata"),
+    ("rope_freqs", "GGUF tensor 'rope_freqs.weight' is not a weight of the llama/qwen2 layout we read (RoPE scaling"),
+])
+def test_gguf_we_cannot_read_is_named(tmp_path, flaw, needle):
+    write_gguf(tmp_path / "x.gguf", tiny_model(seed=7), **{flaw: True})
+    with pytest.raises(CheckpointError, match=re_escape(needle)):
+        diffcoder.load(tmp_path / "x.gguf")
 
 
 def test_not_a_gguf_file(tmp_path):
@@ -129,6 +142,7 @@ def stable_diffcoder_layout(tmp_path):
     cfg.update(architectures=["StableDiffcoderForCausalLM"], model_type="llama", attention_dropout=0.1,
                auto_map={"AutoModelForCausalLM": "modeling_stable_diffcoder.StableDiffcoderForCausalLM"})
     (path / "config.json").write_text(json.dumps(cfg))
+    (path / "manifest.json").unlink()  # the official release carries no manifest of ours
     return path, model
 
 
@@ -198,3 +212,88 @@ def test_bad_checkpoints_name_the_problem(tmp_path, breakage, needle):
         cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "intermediate_size": 100}))
     with pytest.raises(CheckpointError, match=needle.replace("(", r"\(")):
         diffcoder.load(path)
+
+
+# ------------------------------------------------------------------------------------------ manifests
+
+
+def test_save_writes_a_manifest_of_every_file(tmp_path):
+    import hashlib
+
+    from diffcoder.testing import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "ck")
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    on_disk = sorted(p.name for p in path.iterdir() if p.name != "manifest.json")
+    assert sorted(files) == on_disk and "model.safetensors" in files and "tokenizer.json" in files
+    for name, rec in files.items():
+        data = (path / name).read_bytes()
+        assert rec == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def overwrite_in_place(f, nbytes: int = 16 * 1024) -> None:
+    """Overwrite nbytes in the middle of a file with other bytes, keeping its size (silent disk damage)."""
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + nbytes] = bytes((b + 1) % 256 for b in data[mid : mid + nbytes])
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_weights_overwritten_in_place_are_caught_at_load(tmp_path, sharded):
+    path = save_checkpoint(tiny_model(seed=1), tmp_path / "ck", max_shard_bytes=40_000 if sharded else 4 << 30)
+    victim = sorted(path.glob("model*.safetensors"))[-1]
+    overwrite_in_place(victim)
+    with pytest.raises(CheckpointError) as e:
+        diffcoder.load(path)
+    msg = str(e.value)
+    assert f"{victim.name} changed after the checkpoint was saved (same size" in msg and "re-save" in msg
+    (path / "manifest.json").unlink()  # without the manifest the damage would load silently: what it guards
+    diffcoder.load(path)
+
+
+def test_checkpoints_without_manifest_load_and_a_corrupt_manifest_is_named(tmp_path):
+    path = save_checkpoint(tiny_model(seed=1), tmp_path / "ck")
+    (path / "manifest.json").write_bytes(b"\x00\xffgarbage")
+    with pytest.raises(CheckpointError, match="manifest.json is damaged"):
+        diffcoder.load(path)
+    (path / "manifest.json").unlink()
+    diffcoder.load(path)
+    (path / "README.md").write_text("notes")  # files added later are not the manifest's business
+    from diffcoder.checkpoint import rehash_checkpoint
+
+    rehash_checkpoint(path)
+    (path / "README.md").unlink()
+    with pytest.raises(CheckpointError, match="README.md is missing"):
+        diffcoder.load(path)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("num_hidden_layers", "2", "num_hidden_layers must be a positive whole number, got '2'"),
+    ("hidden_size", 64.0, "hidden_size must be a positive whole number, got 64.0"),
+    ("hidden_size", 0, "hidden_size must be a positive whole number, got 0"),
+    ("tie_word_embeddings", "no", "tie_word_embeddings must be true or false"),
+    ("rope_theta", "big", "rope_theta must be a positive number"),
+    ("block_size", [4], "block_size must be a whole number"),
+])
+def test_config_fields_of_the_wrong_type_are_named(tmp_path, key, value, needle):
+    path = save_checkpoint(tiny_model(seed=1), tmp_path / "ck")
+    (path / "manifest.json").unlink()  # an older checkpoint: the type checks alone must catch it
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(CheckpointError, match=re_escape(needle)):
+        diffcoder.load(path)
+
+
+def test_a_structural_error_also_reports_what_the_manifest_saw(tmp_path):
+    path = save_checkpoint(tiny_model(seed=1), tmp_path / "ck")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
+    with pytest.raises(CheckpointError, match=r"has shape .*the manifest shows: config.json changed after"):
+        diffcoder.load(path)
+
+
+def re_escape(s: str) -> str:
+    import re
+
+    return re.escape(s)

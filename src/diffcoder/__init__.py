@@ -53,8 +53,10 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
         return model, load_gguf_tokenizer(path)
     if (path / "adapter_config.json").is_file():
         # A LoRA adapter names its base checkpoint (path + content hash): load that, then apply the adapter.
+        from diffcoder.checkpoint import verify_checkpoint
         from diffcoder.training.lora import check_base, load_adapter, read_adapter_config
 
+        verify_checkpoint(path)  # the adapter's own files against its manifest (the base's are checked below)
         model, tokenizer = load_hf_dir(check_base(read_adapter_config(path)), dtype, device)
         if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             from diffcoder.checkpoint import load_tokenizer

@@ -1,7 +1,8 @@
 """Hugging Face checkpoint directories: load (Llama, Qwen2, Stable-DiffCoder layouts) and save (DESIGN §4).
 
 Saving is atomic: everything is written to a temporary sibling directory that replaces the target by rename,
-so a process killed mid-write leaves the previous checkpoint intact.
+so a process killed mid-write leaves the previous checkpoint intact. Every saved directory carries a manifest
+(size and sha256 of each file, `diffcoder.manifest`) that loading checks, so a file damaged later is named.
 """
 
 from __future__ import annotations
@@ -18,13 +19,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffcoder.errors import CheckpointError
+from diffcoder import manifest
+from diffcoder.errors import CheckpointError, DiffcoderError
 from diffcoder.model import DiffusionLM, ModelConfig
+from diffcoder.settings import CHECKPOINT_KEYS, DecodeSettings
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "StableDiffcoderForCausalLM")
 MASK_TOKEN_NAMES = ("<[MASK_TOKEN]>", "<|mask|>", "<mask>", "[MASK]")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-DECODING_DEFAULT_KEYS = ("steps", "gen_length", "block_length", "threshold", "remasking", "temperature", "shift")
+DECODING_DEFAULT_KEYS = CHECKPOINT_KEYS  # the decoding values generation_config.json may hold
+# config.json fields whose type must be right before a model is built from them (checked with a named error).
+POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+OPTIONAL_INT_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "block_size", "block_length",
+                       "mask_token_id", "bos_token_id", "pad_token_id")
+NUMBER_FIELDS = ("rope_theta", "rms_norm_eps")
+BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "shift")
+LOAD_ADVICE = ("restore it from a copy or re-save the checkpoint; if you changed the file on purpose, accept the "
+               "change with `diffcoder info {path} --rehash`")
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -35,8 +46,11 @@ def read_config(path: Path) -> dict[str, Any]:
         )
     try:
         d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({exc}); restore or re-save the checkpoint") from exc
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{cfg_file} holds a JSON {type(d).__name__}, not an object of config fields; "
+                              "restore or re-save the checkpoint")
     archs = d.get("architectures") or [d.get("model_type", "?")]
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and d.get("model_type") not in ("llama", "qwen2"):
         raise CheckpointError(
@@ -44,9 +58,40 @@ def read_config(path: Path) -> dict[str, Any]:
             "(model_type llama or qwen2)"
         )
     scaling = d.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise CheckpointError(f"{cfg_file}: rope_scaling must be an object or null, got {scaling!r}")
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
         raise CheckpointError(f"rope_scaling {scaling} is not supported yet (only plain RoPE); see {cfg_file}")
+    check_config_types(d, cfg_file)
     return d
+
+
+def check_config_types(d: dict[str, Any], cfg_file: Path) -> None:
+    """Sizes must be whole numbers, flags true/false: a layer count written as "30" is an error, not a crash."""
+    def bad(key: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{cfg_file}: {key} must be {want}, got {d[key]!r}; restore or re-save the checkpoint")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for k in POSITIVE_INT_FIELDS:
+        if k not in d:
+            raise CheckpointError(f"{cfg_file} has no {k}; restore or re-save the checkpoint")
+        if not (is_int(d[k]) and d[k] > 0):
+            raise bad(k, "a positive whole number")
+    d.setdefault("num_key_value_heads", d["num_attention_heads"])  # Hugging Face's default: no grouping
+    for k in OPTIONAL_INT_FIELDS:
+        if d.get(k) is not None and not is_int(d[k]):
+            raise bad(k, "a whole number")
+    eos = d.get("eos_token_id")
+    if eos is not None and not (is_int(eos) or (isinstance(eos, list) and eos and all(map(is_int, eos)))):
+        raise bad("eos_token_id", "a token id or a list of them")
+    for k in NUMBER_FIELDS:
+        if d.get(k) is not None and not (isinstance(d[k], int | float) and not isinstance(d[k], bool) and d[k] > 0):
+            raise bad(k, "a positive number")
+    for k in BOOL_FIELDS:
+        if d.get(k) is not None and not isinstance(d[k], bool):
+            raise bad(k, "true or false")
 
 
 def load_tokenizer(path: Path):
@@ -135,6 +180,22 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; run `diffcoder pull smollm2` or give a checkpoint path")
+    has_manifest = (path / manifest.MANIFEST).is_file()
+    try:
+        model, tokenizer = _build_from_dir(path, dtype, device)
+    except DiffcoderError as exc:  # say too which files changed since the save, when the manifest knows
+        problems = manifest.find_damage(path) if has_manifest else []
+        if problems:
+            raise CheckpointError(f"{exc}; the manifest shows: {'; '.join(problems[:3])}") from exc
+        raise
+    if has_manifest:  # files that parse can still be damaged: 16 KB of weights overwritten in place
+        verify_checkpoint(path)
+    # what generation_config.json says (kept on a re-save); callers decoding use read_generation_defaults(path)
+    model.generation_defaults = read_generation_defaults(path, with_config=False)
+    return model, tokenizer
+
+
+def _build_from_dir(path: Path, dtype: torch.dtype, device):
     d = read_config(path)
     tokenizer = load_tokenizer(path)
     cfg = ModelConfig.from_hf_dict(d)
@@ -142,20 +203,60 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
         cfg.mask_token_id = find_mask_token(tokenizer)
     if "block_size" not in d and "block_length" in d:
         cfg.block_size = int(d["block_length"])
-    model = build_model(cfg, read_weights(weight_files(path)), dtype, device)
-    model.generation_defaults = read_generation_defaults(path)
-    return model, tokenizer
+    return build_model(cfg, read_weights(weight_files(path)), dtype, device), tokenizer
 
 
-def read_generation_defaults(path: Path) -> dict[str, Any]:
-    f = path / "generation_config.json"
-    if not f.is_file():
-        return {}
+def verify_checkpoint(path: Path) -> bool:
+    """Check the directory's files against its manifest (no manifest: nothing to check, False)."""
+    return manifest.verify(path, LOAD_ADVICE.format(path=path))
+
+
+def rehash_checkpoint(path: str | Path) -> Path:
+    """Accept the files of a checkpoint directory as they are now: rewrite its manifest (`info --rehash`)."""
+    path = Path(path)
+    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        raise CheckpointError(f"{path} is not a checkpoint directory (no config.json or adapter_config.json)")
+    return manifest.write_manifest(path)
+
+
+def _read_json_object(f: Path) -> dict[str, Any]:
     try:
         d = json.loads(f.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{f} is not valid JSON ({exc}); fix it, or delete it to use the built-in "
+                              "defaults") from exc
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f} must hold a JSON object, got a {type(d).__name__}; fix or delete it")
+    return d
+
+
+def read_generation_defaults(path: str | Path, with_config: bool = True) -> dict[str, Any]:
+    """The decoding defaults a checkpoint records: the decoding keys of its generation_config.json, with (unless
+    with_config=False) the block size and shift of its config (config.json, or adapter_config.json for an adapter)
+    where that file has none.
+
+    A training run directory stands for its final (or latest) checkpoint; a .gguf file records nothing. This is
+    what `DecodeSettings.resolve` takes as the checkpoint's defaults."""
+    from diffcoder import resolve_run_dir
+
+    path = resolve_run_dir(Path(path))
+    if not path.is_dir():
         return {}
-    return {k: d[k] for k in DECODING_DEFAULT_KEYS if k in d}
+    out: dict[str, Any] = {}
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        gen = _read_json_object(gen_file)
+        out = {k: gen[k] for k in CHECKPOINT_KEYS if gen.get(k) is not None}
+    for name in ("config.json", "adapter_config.json") if with_config else ():
+        if (path / name).is_file():
+            cfg = _read_json_object(path / name)
+            block = cfg.get("block_size", cfg.get("block_length"))
+            if block is not None:
+                out.setdefault("block_length", block)
+            if cfg.get("shift") is not None:
+                out.setdefault("shift", cfg["shift"])
+            break
+    return out
 
 
 def state_dict_for_save(model: DiffusionLM) -> dict[str, torch.Tensor]:
@@ -222,14 +323,12 @@ def save_checkpoint(
     """Write a DESIGN §4 directory, loadable by `transformers` as LlamaForCausalLM and by `diffcoder.load`."""
     path = Path(path)
     cfg = model.config
-    gen = {
-        "block_length": cfg.block_size,
-        "shift": cfg.shift,
-        "remasking": "low_confidence",
-        "temperature": 0.0,
-        "threshold": None,
-    }
-    gen.update(getattr(model, "generation_defaults", {}) or {})
+    builtin = DecodeSettings(max_new_tokens=1)
+    gen: dict[str, Any] = {"block_length": cfg.block_size, "shift": cfg.shift, "remasking": builtin.remasking,
+                           "temperature": builtin.temperature, "threshold": builtin.threshold}
+    # defaults the model was loaded with (e.g. a merged adapter keeps its base's), then the caller's
+    loaded = getattr(model, "generation_defaults", {}) or {}
+    gen.update({k: v for k, v in loaded.items() if k in CHECKPOINT_KEYS})
     gen.update(generation_defaults or {})
     gen_config = {k: v for k, v in gen.items() if v is not None}
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -247,6 +346,7 @@ def save_checkpoint(
             tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        manifest.write_manifest(tmp)
 
     atomic_directory(path, write)
     return path

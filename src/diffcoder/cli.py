@@ -24,7 +24,10 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffcoder import __version__
+
     parser = argparse.ArgumentParser(prog="diffcoder", description="Block-diffusion code language models.")
+    parser.add_argument("--version", action="version", version=f"diffcoder {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

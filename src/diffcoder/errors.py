@@ -15,3 +15,7 @@ class DecodingError(DiffcoderError):
 
 class ConfigError(DiffcoderError):
     """A configuration key or value is invalid."""
+
+
+class TargetExistsError(DiffcoderError):
+    """An output path holds data this command did not create (the user must choose another path or --force)."""

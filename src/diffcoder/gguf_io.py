@@ -51,15 +51,26 @@ def _field(reader, key: str, default=None):
 
 def hf_name(gguf_name: str) -> str:
     parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{GGUF_TO_HF[parts[2]]}.{parts[3]}"
-    return f"{GGUF_TO_HF[parts[0]]}.{parts[1]}"
+    try:
+        if parts[0] == "blk":
+            return f"model.layers.{parts[1]}.{GGUF_TO_HF[parts[2]]}.{parts[3]}"
+        return f"{GGUF_TO_HF[parts[0]]}.{parts[1]}"
+    except (KeyError, IndexError):
+        why = " (RoPE scaling, which is not supported yet)" if parts[0] == "rope_freqs" else ""
+        raise CheckpointError(f"GGUF tensor {gguf_name!r} is not a weight of the llama/qwen2 layout we read{why}; "
+                              "convert the original Hugging Face checkpoint instead") from None
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Inverse of llama.cpp's convert-time permutation of q_proj/k_proj rows."""
     out = w.shape[0]
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _vocab_from_tokens(reader, path: Path) -> int:
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        raise CheckpointError(f"{path.name} records neither a vocabulary size nor tokens; re-export the GGUF")
+    return len(reader.fields["tokenizer.ggml.tokens"].data)
 
 
 def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -71,10 +82,17 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise CheckpointError(f"{path.name}: GGUF architecture {arch!r} is not supported (llama, qwen2)")
-    a = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+
+    def a(key: str, default=None):
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise CheckpointError(f"{path.name} has no {arch}.{key} in its metadata, so its shape is unknown; "
+                                  "re-export the GGUF with llama.cpp's converter")
+        return value
+
     n_heads, n_kv = int(a("attention.head_count")), int(a("attention.head_count_kv", a("attention.head_count")))
     names = {t.name for t in reader.tensors}
-    vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = _field(reader, f"{arch}.vocab_size") or _vocab_from_tokens(reader, path)
     cfg = ModelConfig(
         vocab_size=int(vocab),
         hidden_size=int(a("embedding_length")),

@@ -16,6 +16,7 @@ def _add_benchmark_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help=f"pass@k on {'HumanEval' if name == 'humaneval' else 'MBPP (sanitized)'}")
     add_model_flags(p)
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
+    p.add_argument("--force", action="store_true", help="write the run into --out even if it holds other files")
     p.add_argument("--prompt-style", choices=["base", "instruct"], default="base",
                    help="base: continue the task prompt; instruct: chat template, code block extracted")
     p.add_argument("--limit", type=int, help="only the first N tasks")
@@ -31,7 +32,7 @@ def _add_benchmark_parser(sub, name: str) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--rescore", action="store_true",
                    help="rerun the tests of finished records from their raw outputs (after an extraction change)")
-    add_decoding_flags(p)
+    add_decoding_flags(p, "eval", seed_default=0, eos_flag=False)  # the harness stops at the tokenizer's EOS
     p.set_defaults(func=run_benchmark, benchmark=name)
 
 
@@ -50,38 +51,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lk.add_argument("--seq-len", type=int, default=512, help="tokens per scored sequence")
     lk.add_argument("--max-tokens", type=int, default=65536, help="score at most this many tokens")
     lk.add_argument("--t-grid", type=int, default=8, help="number of noise levels t in the fixed grid")
-    lk.add_argument("--block-size", type=int, help="block size B (default: the checkpoint's)")
+    lk.add_argument("--block-length", "--block-size", dest="block_size", type=int,
+                    help="block size B (default: the checkpoint's)")
     lk.add_argument("--batch-size", type=int, default=4)
     lk.add_argument("--seed", type=int, default=0, help="seed for the masks")
     lk.add_argument("--out", help="write the result as JSON here")
+    lk.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     lk.set_defaults(func=run_likelihood)
 
     c = subparsers.add_parser("compare", help="one table and bar chart of several eval runs")
     c.add_argument("runs", nargs="+", help="run directories written by `diffcoder eval`")
     c.add_argument("--plot", help="bar chart PNG (default: compare.png in the first run's parent folder)")
     c.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    c.add_argument("--force", action="store_true", help="overwrite --plot even if it is not a chart of ours")
     c.set_defaults(func=run_compare)
 
 
 def _decoding_settings(args: argparse.Namespace, model_path: Path) -> dict:
+    """The run's decoding keyword arguments (recorded in the run's identity), through DecodeSettings."""
     from diffcoder.checkpoint import read_generation_defaults
-    from diffcoder.commands import decoding_kwargs
+    from diffcoder.commands import user_decoding_values
+    from diffcoder.settings import DecodeSettings
 
+    user = {k: v for k, v in user_decoding_values(args).items() if k != "seed"}  # the seed is EvalConfig.seed
+    defaults = read_generation_defaults(model_path)
     if args.ar:
-        return {"max_new_tokens": args.max_new_tokens or args.gen_length or 384,
-                "temperature": args.temperature or 0.0}
-    defaults = read_generation_defaults(model_path) if model_path.is_dir() else {}
-    if args.max_new_tokens is None and args.gen_length is None and "gen_length" not in defaults:
-        args.max_new_tokens = 384
-    return decoding_kwargs(args, defaults)
+        return DecodeSettings.resolve_ar(user, defaults, "eval").ar_kwargs()
+    return DecodeSettings.resolve(user, defaults, "eval").generate_kwargs()
+
+
+def _is_eval_run(path: Path) -> bool:
+    """A folder an earlier `diffcoder eval` wrote (it resumes there)."""
+    try:
+        return "benchmark" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
+    from diffcoder.commands import check_device
     from diffcoder.evaluation.harness import EvalConfig, format_summary, run_eval
+    from diffcoder.outputs import check_output_dir
     from diffcoder.pull import resolve_model
 
     if args.samples > 1 and not args.temperature:
         print("note: --samples > 1 at temperature 0 repeats the same greedy answer", file=sys.stderr)
+    check_device(args.device)
+    check_output_dir(args.out, args.force, "write an eval run into it", ours=_is_eval_run)
     model_path = resolve_model(args.model)
     cfg = EvalConfig(
         benchmark=args.benchmark, model=str(model_path), prompt_style=args.prompt_style, limit=args.limit,
@@ -98,7 +114,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
 def run_likelihood(args: argparse.Namespace) -> int:
     from diffcoder.commands import load_model
     from diffcoder.evaluation.likelihood import evaluate_likelihood, load_token_sequences
+    from diffcoder.outputs import check_output_file
 
+    if args.out:
+        check_output_file(args.out, args.force)
+    if args.block_size is not None and args.block_size < 1:
+        raise ConfigError(f"--block-length must be >= 1, got {args.block_size}")
     model, tokenizer = load_model(args)
     seqs = load_token_sequences(args.data, tokenizer, args.seq_len, args.max_tokens)
     result = evaluate_likelihood(model, seqs, block_size=args.block_size, t_points=args.t_grid,
@@ -115,7 +136,10 @@ def run_likelihood(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from diffcoder.evaluation.compare import compare_runs, format_table, plot_runs
+    from diffcoder.outputs import check_output_file, is_our_png
 
+    plot = Path(args.plot) if args.plot else Path(args.runs[0]).resolve().parent / "compare.png"
+    check_output_file(plot, args.force, ours=is_our_png)  # a chart of ours is redrawn; anything else is kept
     rows = compare_runs(args.runs)
     if not rows:
         raise ConfigError("no run had a summary.json; run `diffcoder eval ...` first")
@@ -123,7 +147,6 @@ def run_compare(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(rows))
-    plot = Path(args.plot) if args.plot else Path(args.runs[0]).resolve().parent / "compare.png"
     plot_runs(rows, plot)
     print(f"chart: {plot}", file=sys.stderr)
     return 0

@@ -70,6 +70,8 @@ def plot_runs(rows: list[dict], path: str | Path) -> Path:
                         fontsize=7)
     fig.suptitle("blue: AR baseline, orange: block diffusion", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from diffcoder.outputs import png_metadata
+
+    fig.savefig(path, dpi=120, metadata=png_metadata())
     plt.close(fig)
     return path

@@ -6,6 +6,8 @@ Write protocol (a kill at any moment leaves the last good checkpoint intact):
 2. one `os.replace` renames it to `step_N` (a new name, so nothing old is ever replaced in place);
 3. `latest` (a one-line pointer file) is rewritten by temp file + rename.
 On resume the newest complete `step_N` (the pointer, else a scan) wins; partial directories are deleted.
+Each checkpoint carries a manifest (size and sha256 of every file, written before the rename); resume checks it
+and, when a file was damaged afterwards, names the file and the previous checkpoint to fall back to.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from diffcoder import manifest
 from diffcoder.errors import CheckpointError
 
 STATE_FILE = "trainer_state.pt"
@@ -78,6 +81,7 @@ def write_checkpoint(root: Path, step: int, write_model: Callable[[Path], None],
     write_model(partial)
     if is_writer:
         torch.save(state, partial / STATE_FILE)
+        manifest.write_manifest(partial)  # over everything: model files, trainer state, dcp shards
         _fault_point("save-before-rename")
         _fsync_tree(partial)
     if barrier:
@@ -123,12 +127,71 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def fallback_advice(ckpt: Path) -> str:
+    """What to do about a damaged checkpoint: resume from the one before it (named), or start over."""
+    earlier = [p for p in list_checkpoints(ckpt.parent.parent) if p.name < ckpt.name]
+    aside = ckpt.parent / f"damaged-{ckpt.name}"
+    if earlier:
+        return (f"resume from the previous checkpoint {earlier[-1].name} instead: move this one aside "
+                f"(`mv {ckpt} {aside}`) and rerun with --resume")
+    return (f"there is no earlier checkpoint to fall back to: move it aside (`mv {ckpt} {aside}`) and rerun "
+            "without --resume to start over, or use a new train.out_dir")
+
+
+def verify_checkpoint(ckpt: Path) -> bool:
+    """Check a training checkpoint against its manifest; False when it has none (written before manifests)."""
+    return manifest.verify(ckpt, fallback_advice(ckpt))
+
+
 def load_state(ckpt: Path) -> dict[str, Any]:
     try:
         return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as exc:  # a checkpoint that was published is complete; this means outside damage
-        raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable ({exc}); delete {ckpt} to resume from the "
-                              "previous checkpoint") from exc
+        raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable ({exc}); {fallback_advice(ckpt)}") from exc
+
+
+def export_model_files(ckpt: Path, dest: Path) -> None:
+    """Copy a checkpoint's model files (not the trainer state or distributed shards) with their manifest."""
+    shutil.copytree(ckpt, dest, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(STATE_FILE, "dcp", manifest.MANIFEST))
+    m = manifest.read_manifest(ckpt)
+    if m is not None:
+        m["files"] = {k: v for k, v in m["files"].items() if (dest / k).is_file()}
+        manifest.write_manifest(dest, m)
+
+
+# Config fields that fix the shape or meaning of the weights: a resumed checkpoint must match the run's model.
+MODEL_IDENTITY_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                         "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mask_token_id",
+                         "block_size", "shift")
+
+
+def check_same_model(ckpt: Path, cfg) -> None:
+    """The checkpoint's config.json must parse and describe the run's model (catches damage without a manifest)."""
+    from diffcoder.checkpoint import read_config
+
+    try:
+        d = read_config(ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} — {fallback_advice(ckpt)}") from exc
+    diff = [f"{k}={d.get(k)!r} (the run's model: {getattr(cfg, k)!r})" for k in MODEL_IDENTITY_FIELDS
+            if k in d and d[k] != getattr(cfg, k)]
+    if diff:
+        raise CheckpointError(f"{ckpt}/config.json does not describe this run's model: {'; '.join(diff[:3])}; it "
+                              f"was damaged or edited; {fallback_advice(ckpt)}")
+
+
+@torch.no_grad()
+def check_finite(model, opt, ckpt: Path) -> None:
+    """Every weight and optimizer moment of a resumed checkpoint must be finite."""
+    tensors = [(n, p) for n, p in model.named_parameters()]
+    for i, st in enumerate(opt.state.values()):
+        tensors += [(f"optimizer state {i}.{k}", v) for k, v in st.items() if torch.is_tensor(v) and v.ndim]
+    for name, t in tensors:
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{ckpt} holds non-finite values (NaN or inf) in {name}; the checkpoint is "
+                                  f"damaged; {fallback_advice(ckpt)}")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--fim-rate", type=float, default=0.0,
                    help="share of documents FIM-transformed (prefix/suffix/middle reordered; DESIGN §2), e.g. 0.5")
     b.add_argument("--fim-seed", type=int, default=0, help="seed of the FIM draws (with each document's hash)")
+    b.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
     b.set_defaults(func=cmd_data_build)
     s = dsub.add_parser("sft", help="chat JSONL (or --mine: functions of a code corpus) -> SFT token pairs")
     s.add_argument("sources", nargs="+", help="chat JSONL files; with --mine: code sources as for `data build`")
@@ -30,6 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--val-fraction", type=float, default=0.02)
     s.add_argument("--max-pairs", type=int, default=None)
     s.add_argument("--max-files", type=int, default=None)
+    s.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="keep only the last N tokens of longer prompts (so a row of data.seq_len still holds the "
+                        "response)")
+    s.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
     s.set_defaults(func=cmd_data_sft)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
@@ -39,22 +44,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200 optim.lr=3e-5")
     t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--force", action="store_true",
+                   help="start a run in a non-empty train.out_dir that holds no run (its files stay)")
     t.set_defaults(func=cmd_train)
 
     pl = subparsers.add_parser("plot", help="plot a run's loss, grad norm, u_max and mask ratio to PNG")
     pl.add_argument("runs", nargs="+", help="run directories (several: drawn on the same axes)")
     pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/training.png)")
+    pl.add_argument("--force", action="store_true", help="overwrite --out even if it is not a plot of ours")
     pl.set_defaults(func=cmd_plot)
 
     m = subparsers.add_parser("merge", help="merge a LoRA adapter into its base -> a full checkpoint")
     m.add_argument("adapter", help="adapter directory (has adapter_config.json)")
     m.add_argument("--out", required=True)
+    m.add_argument("--force", action="store_true", help="replace --out even if it is not empty")
     m.set_defaults(func=cmd_merge)
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
+    from diffcoder.outputs import check_output_dir
     from diffcoder.training.data import build_corpus, load_tokenizer
 
+    check_output_dir(args.out, args.force, "write dataset files into it")
     tok = load_tokenizer(args.tokenizer)
     idx = build_corpus(args.sources, tok, args.out, val_fraction=args.val_fraction, max_tokens=args.max_tokens,
                        max_files=args.max_files, text_field=args.text_field, tokenizer_spec=args.tokenizer,
@@ -64,11 +75,14 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def cmd_data_sft(args: argparse.Namespace) -> int:
+    from diffcoder.outputs import check_output_dir
     from diffcoder.training.data import build_sft, load_tokenizer
 
+    check_output_dir(args.out, args.force, "write dataset files into it")
     tok = load_tokenizer(args.tokenizer)
     idx = build_sft(args.sources, tok, args.out, val_fraction=args.val_fraction, mine=args.mine,
-                    max_pairs=args.max_pairs, max_files=args.max_files, tokenizer_spec=args.tokenizer)
+                    max_pairs=args.max_pairs, max_files=args.max_files, tokenizer_spec=args.tokenizer,
+                    max_prompt_tokens=args.max_prompt_tokens)
     print(json.dumps(idx["summary"], indent=2))
     return 0
 
@@ -78,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from diffcoder.training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume, quiet=args.quiet)
+    result = train(cfg, resume=args.resume, quiet=args.quiet, force=args.force)
     print(json.dumps({k: result[k] for k in ("eval", "checkpoint", "final")}, indent=2), file=sys.stderr)
     return 0
 
@@ -86,15 +100,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from diffcoder.outputs import check_output_file, is_our_png
     from diffcoder.training.plot import plot_runs
 
     out = args.out or str(Path(args.runs[0]) / "training.png")
+    check_output_file(out, args.force, ours=is_our_png)  # a plot of ours is redrawn; anything else is kept
     print(plot_runs(args.runs, out))
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from diffcoder.outputs import check_output_dir
     from diffcoder.training.lora import merge_adapter
 
+    check_output_dir(args.out, args.force, "replace it with the merged checkpoint")
     print(merge_adapter(args.adapter, args.out))
     return 0

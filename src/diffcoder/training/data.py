@@ -18,7 +18,7 @@ import random
 import sys
 import sysconfig
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from diffcoder.errors import ConfigError, DiffcoderError
 DEFAULT_EXTENSIONS = (".py", ".pyi", ".c", ".h", ".cpp", ".hpp", ".cc", ".js", ".ts", ".java", ".go", ".rs", ".rb",
                       ".sh", ".md", ".rst", ".txt", ".toml", ".yaml", ".yml", ".json", ".html", ".css", ".sql")
 MAX_FILE_BYTES = 1 << 20  # larger files are almost always generated data, not code worth learning
+# A held-out split below this many tokens (8 rows of 512) gives eval numbers too noisy to compare: warn.
+MIN_VAL_TOKENS = 4096
 INDEX = "index.json"
 SFT_FILE = {"train": "sft-train.jsonl", "val": "sft-val.jsonl"}
 
@@ -301,14 +303,19 @@ def build_corpus(
     if not docs:
         raise DiffcoderError(f"the corpus {sources} has no readable non-empty documents; check the paths "
                              "(files over 1 MiB and non-UTF-8 files are skipped)")
+    tokens = {s: sum(sh["tokens"] for sh in w.shards) for s, w in writers.items()}
     summary = {
         "documents": dict(docs),
         "duplicates_removed": dupes,
-        "tokens": {s: sum(sh["tokens"] for sh in w.shards) for s, w in writers.items()},
+        "tokens": tokens,
         "languages": {k: {"documents": lang_docs[k], "tokens": lang_tokens[k]} for k, _ in lang_tokens.most_common()},
     }
     if fim is not None:
         summary["fim_documents"] = dict(fim_docs)
+    warning = val_split_warning(docs, tokens, val_fraction)
+    if warning:
+        summary["warnings"] = [warning]
+        _warn(warning)
     index = {
         "format": "diffcoder-packed-v1",
         "dtype": dtype.name,
@@ -327,6 +334,37 @@ def build_corpus(
     tmp.write_text(json.dumps(index, indent=2))
     os.replace(tmp, out / INDEX)
     return index
+
+
+def val_split_warning(docs: Counter, tokens: dict[str, int], val_fraction: float) -> str | None:
+    """A warning, with the numbers, when the held-out split is empty or too small to measure anything."""
+    n_val, n_docs = docs["val"], docs["val"] + docs["train"]
+    t_val, t_all = tokens["val"], tokens["val"] + tokens["train"]
+    if val_fraction == 0 or t_val >= MIN_VAL_TOKENS:
+        return None
+    size = "empty" if n_val == 0 else "tiny"
+    head = (f"the held-out (val) split is {size}: {n_val} of {n_docs} documents ({t_val:,} of {t_all:,} tokens) "
+            f"were held out at --val-fraction {val_fraction}")
+    consequence = ("so training logs no held-out loss and `eval likelihood` has nothing to score" if n_val == 0 else
+                   f"fewer than the {MIN_VAL_TOKENS:,} tokens a stable held-out loss needs")
+    want = MIN_VAL_TOKENS / max(t_all, 1)
+    if want > 0.5:
+        fix = f"the corpus ({t_all:,} tokens) is too small for a useful split: add documents"
+    else:
+        fix = f"raise --val-fraction (to about {_round_up(want)}) or add documents"
+    return f"{head}, {consequence}; {fix}"
+
+
+def _round_up(x: float) -> float:
+    """x rounded up to two significant digits (a readable fraction to suggest)."""
+    import math
+
+    digits = 1 - math.floor(math.log10(x))
+    return math.ceil(x * 10**digits) / 10**digits
+
+
+def _warn(message: str) -> None:
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def read_index(data_dir: str | Path) -> dict[str, Any]:
@@ -355,9 +393,13 @@ class PackedRows:
         self._perm_epoch, self._perm = -1, None
         if self.num_rows == 0:
             n_tok = sum(a.size for a in self.arrays)
+            docs = index.get("summary", {}).get("documents", {}).get(split, 0)
+            # More held-out data needs a *higher* val fraction; more training data a lower one.
+            more = (f"rebuild with a higher --val-fraction (it was {index.get('val_fraction')})" if split == "val"
+                    else f"rebuild with a lower --val-fraction (it was {index.get('val_fraction')})")
             raise DiffcoderError(
-                f"split {split!r} of {data_dir} has {n_tok} tokens, fewer than one row of seq_len {seq_len}; "
-                "build a larger corpus (or lower val_fraction / seq_len)"
+                f"split {split!r} of {data_dir} has {n_tok:,} tokens ({docs} documents), fewer than one row of "
+                f"seq_len {seq_len}; {more} or a larger corpus, or use a shorter seq_len"
             )
 
     def row(self, i: int) -> np.ndarray:
@@ -460,9 +502,13 @@ def build_sft(
     max_pairs: int | None = None,
     max_files: int | None = None,
     tokenizer_spec: str = "",
+    max_prompt_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Chat JSONL (`messages`) -> sft-{train,val}.jsonl of prompt/response token ids. With mine=True the
-    sources are code corpora and pairs are mined from their functions."""
+    sources are code corpora and pairs are mined from their functions. `max_prompt_tokens` keeps only the last
+    that many tokens of a longer prompt (the request and the generation prompt sit at its end)."""
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ConfigError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if mine:
@@ -489,6 +535,10 @@ def build_sft(
                 continue
             seen.add(digest)
             prompt, response = tokenize_chat(tokenizer, rec["messages"])
+            counts["longest_prompt_tokens"] = max(counts["longest_prompt_tokens"], len(prompt))
+            if max_prompt_tokens is not None and len(prompt) > max_prompt_tokens:
+                prompt = prompt[-max_prompt_tokens:]
+                counts["prompts_truncated"] += 1
             split = "val" if is_held_out(digest, val_fraction) else "train"
             fhs[split].write(json.dumps({"prompt": prompt, "response": response}) + "\n")
             counts[split] += 1
@@ -497,6 +547,11 @@ def build_sft(
             fh.close()
     if not counts["train"]:
         raise DiffcoderError(f"no SFT pairs found in {sources}; check the files (chat JSONL with `messages`)")
+    if val_fraction > 0 and not counts["val"]:
+        want = min(0.5, _round_up(5 / counts["train"]))
+        _warn(f"the held-out (val) split is empty: 0 of {counts['train']} pairs were held out at --val-fraction "
+              f"{val_fraction}, so training logs no held-out loss; raise --val-fraction (to about {want}) or add "
+              "pairs")
     for s in SFT_FILE:
         os.replace(out / (SFT_FILE[s] + ".tmp"), out / SFT_FILE[s])
     index = {"format": "diffcoder-sft-v1", "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
@@ -519,17 +574,33 @@ class SFTRows:
     seq_len and right-padded to it with pad tokens that are neither attended-to-as-content nor scored."""
 
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, seed: int = 0,
-                 min_eos: int = 1, max_eos: int = 4, pad_id: int = 0):
+                 min_eos: int = 1, max_eos: int = 4, pad_id: int = 0, warn: Callable[[str], None] | None = None):
         f = Path(data_dir) / SFT_FILE[split]
         if not f.is_file():
             raise DiffcoderError(f"{data_dir} has no {SFT_FILE[split]}; run `diffcoder data sft` first")
         self.samples = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
         if not self.samples:
-            raise DiffcoderError(f"{f} is empty; build more SFT pairs or lower val_fraction")
+            fix = "a higher --val-fraction" if split == "val" else "a lower --val-fraction"
+            raise DiffcoderError(f"{f} is empty; rebuild with more SFT pairs or {fix}")
         self.index = read_index(data_dir)
         self.seq_len, self.seed, self.min_eos, self.max_eos, self.pad_id = seq_len, seed, min_eos, max_eos, pad_id
         self.eos = self.index["eos_token_id"]
         self.num_rows = len(self.samples)
+        message = self.unscored_warning(split)
+        if message:
+            (warn or _warn)(message)
+
+    def unscored_warning(self, split: str) -> str | None:
+        """Samples whose prompt fills the whole row are cut before their response: they train on nothing."""
+        prompts = [len(s["prompt"]) for s in self.samples]
+        n = sum(p >= self.seq_len for p in prompts)
+        if not n:
+            return None
+        return (f"{n} of {len(prompts)} SFT samples of the {split} split have prompts of {self.seq_len} tokens "
+                f"(data.seq_len) or more, so they are cut before the response and train on nothing (longest "
+                f"prompt: {max(prompts)} tokens); rebuild the data with `diffcoder data sft ... "
+                f"--max-prompt-tokens {max(1, self.seq_len // 2)}` (keeps the last tokens of each prompt) or raise "
+                f"data.seq_len above {max(prompts)}")
 
     def row(self, i: int, draw: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.samples[i]

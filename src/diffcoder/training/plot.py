@@ -40,7 +40,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
                 ax.set_yscale("log")
         ax = axes.flat[5]
         for key, style in (("eval_nelbo", "-o"), ("eval_ar_nll", "--s")):
-            pts = [(r["step"], r[key]) for r in evals if key in r]
+            pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]  # null: nothing scored
             if pts:
                 ax.plot(*zip(*pts), style, label=f"{label} {key}", ms=3)
         ax.set_title("held-out NELBO / AR NLL")
@@ -51,6 +51,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    from diffcoder.outputs import png_metadata
+
+    fig.savefig(out, dpi=100, metadata=png_metadata())
     plt.close(fig)
     return out

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -27,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffcoder import resolve_dtype
-from diffcoder.errors import CheckpointError, ConfigError
+from diffcoder.errors import CheckpointError, ConfigError, DiffcoderError
 from diffcoder.training import ckpt as ckptlib
 from diffcoder.training.config import TrainConfig, validate
 from diffcoder.training.objective import eval_time_grid, sample_block_noise, shift_eligible, warmup_cap
@@ -95,8 +94,10 @@ def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False):
-        self.cfg, self.resume, self.quiet = cfg, resume, quiet
+    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False, force: bool = False):
+        self.cfg, self.resume, self.quiet, self.force = cfg, resume, quiet, force
+        self.resumed_from: Path | None = None  # the checkpoint this process resumed from, and at which step
+        self.resumed_step = -1
         dev = cfg.train.device
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -220,20 +221,18 @@ class Trainer:
 
         c = self.cfg
         if c.data.kind == "cpt":
-            self.train_rows = PackedRows(c.data.path, "train", c.data.seq_len, seed=c.train.seed)
-            try:
-                self.val_rows = PackedRows(c.data.path, "val", c.data.seq_len, seed=c.train.seed)
-            except Exception:
-                self.val_rows = None
+            rows = lambda split: PackedRows(c.data.path, split, c.data.seq_len, seed=c.train.seed)  # noqa: E731
         else:
             pad = self.model.config.pad_token_id
             pad = pad if pad is not None else self.model.config.eos_token_id or 0
             kw = dict(seed=c.train.seed, min_eos=c.data.min_eos, max_eos=c.data.max_eos, pad_id=pad)
-            self.train_rows = SFTRows(c.data.path, "train", c.data.seq_len, **kw)
-            try:
-                self.val_rows = SFTRows(c.data.path, "val", c.data.seq_len, **kw)
-            except Exception:
-                self.val_rows = None
+            rows = lambda split: SFTRows(c.data.path, split, c.data.seq_len, warn=self.warn, **kw)  # noqa: E731
+        self.train_rows = rows("train")
+        try:
+            self.val_rows = rows("val")
+        except DiffcoderError as exc:  # training goes on, but nobody should read a missing eval as a value
+            self.val_rows = None
+            self.warn(f"no held-out evaluation for this run: {exc}")
         check_vocab(self.model, self.train_rows.index, self.tokenizer)
 
     def _build_optimizer(self) -> None:
@@ -262,6 +261,11 @@ class Trainer:
     def _prepare_out_dir(self) -> None:
         cfgd = self.cfg.to_dict()
         run_file = self.out / "run.json"
+        from diffcoder.outputs import check_output_dir
+
+        # a folder that is not a run of ours is not ours to fill (or to clear a log in)
+        self._on_rank0(lambda: check_output_dir(self.out, self.force, "write a training run into it",
+                                                ours=lambda p: (p / "run.json").is_file()))
         latest = ckptlib.latest_checkpoint(self.out) if self.dist.rank == 0 else None
         if self.dist.enabled:
             obj = [str(latest) if latest else None]
@@ -327,24 +331,30 @@ class Trainer:
                                         barrier=self.dist.barrier)
 
     def _load_checkpoint(self, path: Path) -> None:
+        self._on_rank0(lambda: self._check_checkpoint(path))
         state = ckptlib.load_state(path)
         if state.get("run_id") != self.run_id:
             raise CheckpointError(f"{path} was written by another run (run id {state.get('run_id')} vs "
                                   f"{self.run_id}); set train.out_dir to a new directory")
-        if self.dist.enabled:
-            from diffcoder.training.distributed import load_distributed
+        try:
+            if self.dist.enabled:
+                from diffcoder.training.distributed import load_distributed
 
-            load_distributed(self, path)
-        elif self.cfg.lora.enabled:
-            from diffcoder.training.lora import load_adapter_weights
+                load_distributed(self, path)
+            elif self.cfg.lora.enabled:
+                from diffcoder.training.lora import load_adapter_weights
 
-            load_adapter_weights(self.model, path)
-            if self.token_rows is not None:
-                self._restore_token_rows(state.get("token_rows"))
-        else:
-            load_model_weights(self.model, path)
-        if state["optimizer"] is not None:
-            self.opt.load_state_dict(state["optimizer"])
+                load_adapter_weights(self.model, path)
+                if self.token_rows is not None:
+                    self._restore_token_rows(state.get("token_rows"))
+            else:
+                load_model_weights(self.model, path)
+            if state["optimizer"] is not None:
+                self.opt.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError, OSError) as exc:  # damage no manifest caught (an old one)
+            raise CheckpointError(f"{path} does not load into this run's model ({exc}); "
+                                  f"{ckptlib.fallback_advice(path)}") from exc
+        ckptlib.check_finite(self.model, self.opt, path)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -352,6 +362,7 @@ class Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step = state["step"]
+        self.resumed_from, self.resumed_step = path, self.step
         if self.dist.rank == 0:  # drop log lines of steps the killed run did after this checkpoint
             log = self.out / "log.jsonl"
             if log.exists():
@@ -368,6 +379,28 @@ class Trainer:
             return
         self.token_rows.param.copy_(saved["rows"])
         self.token_rows.write_back()
+
+    def _check_checkpoint(self, path: Path) -> None:
+        """Before trusting a checkpoint: its manifest, and (for full models) that its config is this run's model."""
+        if not ckptlib.verify_checkpoint(path):
+            self.log(f"note: {path} has no manifest (written by an older version); its files cannot be checked")
+        if (path / "config.json").is_file():
+            ckptlib.check_same_model(path, self.model.config)
+
+    def _on_rank0(self, check) -> None:
+        """Run check() on rank 0 only and raise its DiffcoderError on every rank (no rank is left waiting)."""
+        problem = None
+        if self.dist.rank == 0:
+            try:
+                check()
+            except DiffcoderError as exc:
+                problem = exc
+        if self.dist.enabled:
+            obj = [problem]
+            torch.distributed.broadcast_object_list(obj, src=0)
+            problem = obj[0]
+        if problem is not None:
+            raise problem
 
     # ------------------------------------------------------------------------------------------- the step
 
@@ -474,19 +507,44 @@ class Trainer:
                     for batch in diffusion_micro_batches(x0, noise, slices, self.block_size, self.shift,
                                                          self.device):
                         nelbo += self.loss_fn(batch)
-                out["eval_nelbo"] = float(nelbo) / len(grid) / max(int(e.sum()), 1)
+                out["eval_nelbo"] = self._per_token(float(nelbo) / len(grid), int(e.sum()), "eval_nelbo")
             ar = torch.zeros((), dtype=torch.float64, device=self.device)
             for batch in ar_micro_batches(x0, elig, slices, self.device):
                 ar += self.loss_fn(batch)
-            out["eval_ar_nll"] = float(ar) / max(int(elig[:, 1:].sum()), 1)
+            out["eval_ar_nll"] = self._per_token(float(ar), int(elig[:, 1:].sum()), "eval_ar_nll")
         self.model.train()
         return out
 
+    def _per_token(self, total: float, count: int, name: str) -> float | None:
+        """A per-token eval value, or None (logged as null, with a warning) when no held-out token was scored."""
+        if count > 0:
+            return total / count
+        self.warn(f"{name} at step {self.step} scored no tokens ({self.cfg.train.eval_batches} eval batches of "
+                  f"{self.global_batch} rows had none eligible, e.g. SFT prompts of >= data.seq_len "
+                  f"{self.cfg.data.seq_len} tokens); it is logged as null, not as a value")
+        return None
+
     # ------------------------------------------------------------------------------------------- loop
+
+    def _nonfinite_loss_error(self, rec: dict[str, Any]) -> DiffcoderError:
+        """A NaN/inf loss on the first step after a resume means the checkpoint, not the learning rate."""
+        if self.resumed_from is not None and rec["step"] == self.resumed_step:
+            return CheckpointError(
+                f"loss became {rec['loss']} at step {rec['step']}, the first step after resuming from "
+                f"{self.resumed_from}: the checkpoint's weights or optimizer state are damaged (the same step ran "
+                f"finite before the save, so lowering optim.lr would not help); "
+                f"{ckptlib.fallback_advice(self.resumed_from)}")
+        return ConfigError(f"loss became {rec['loss']} at step {rec['step']}; lower optim.lr or enable "
+                           "objective.warmup_steps")
 
     def log(self, msg: str) -> None:
         if self.dist.rank == 0 and not self.quiet:
             tqdm.write(msg, file=sys.stderr)
+
+    def warn(self, msg: str) -> None:
+        """A warning is shown even with --quiet: it says something the user must act on."""
+        if self.dist.rank == 0:
+            tqdm.write(f"warning: {msg}", file=sys.stderr)
 
     def write_log(self, rec: dict[str, Any]) -> None:
         if self.dist.rank == 0:
@@ -510,8 +568,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", gnorm=f"{rec['grad_norm']:.2f}", u_max=f"{rec['u_max']:.2f}")
             if not math.isfinite(rec["loss"]):
-                raise ConfigError(f"loss became {rec['loss']} at step {rec['step']}; lower optim.lr or enable "
-                                  "objective.warmup_steps")
+                raise self._nonfinite_loss_error(rec)
             if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
                 ev = self.evaluate()
                 if ev:
@@ -526,8 +583,7 @@ class Trainer:
         if self.dist.rank == 0:  # the exported model replaces any old one in a single rename
             from diffcoder.checkpoint import atomic_directory
 
-            atomic_directory(self.out / "final", lambda tmp: shutil.copytree(
-                final, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ckptlib.STATE_FILE, "dcp")))
+            atomic_directory(self.out / "final", lambda tmp: ckptlib.export_model_files(final, tmp))
         self.dist.barrier()
         return {"last": last, "eval": ev, "checkpoint": str(final), "final": str(self.out / "final")}
 
@@ -579,8 +635,8 @@ def load_model_weights(model, ckpt: Path) -> None:
                               "; it was written by another run")
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    trainer = Trainer(cfg, resume=resume, quiet=quiet)
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, force: bool = False) -> dict[str, Any]:
+    trainer = Trainer(cfg, resume=resume, quiet=quiet, force=force)
     try:
         return trainer.run()
     finally:
