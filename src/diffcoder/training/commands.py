@@ -89,7 +89,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from diffcoder.training.lora import merge_adapter
+    from diffcoder.adapters import merge_adapter
 
     print(merge_adapter(args.adapter, args.out))
     return 0
