@@ -109,8 +109,9 @@ def ensure_ar_origin() -> Path:
     return convert_checkpoint(gguf, target, block_size=4, shift=False)
 
 
-def check_shipped_adapter(adapter: Path = SHIPPED_ADAPTER, expected: str = ADAPTER_SHA256) -> Path:
+def check_shipped_adapter() -> Path:
     """The adapter shipped with diffcoder, its weights checked against the sha256 this release expects."""
+    adapter, expected = SHIPPED_ADAPTER, ADAPTER_SHA256
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"the shipped diffusion adapter is missing ({weights}); reinstall diffcoder (or "
