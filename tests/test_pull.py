@@ -196,3 +196,9 @@ def test_real_demo_decodes_in_blocks_of_four(real_home):
     p = run_cli(["demo", "--max-new-tokens", "24"], real_home)
     assert "block_length=4, shift=False, threshold=" in p.stderr
     assert "tokens/forward" in p.stderr and "--- answer ---" in p.stdout
+
+
+@pytest.mark.slow
+def test_real_demo_ar_flag_runs_the_ar_origin(real_home):
+    p = run_cli(["demo", "--ar", "--max-new-tokens", "8"], real_home)
+    assert "decoding autoregressively" in p.stderr and "(1.0 tokens/forward)" in p.stderr

@@ -122,6 +122,15 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG} is not a LoRA adapter (peft_type "
                               f"{cfg.get('peft_type')!r}); only LoRA adapters are supported")
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG} lacks {missing}; restore it from where the adapter "
+                              "came from")
+    return _read_peft(adapter_dir, cfg)
+
+
+def _read_peft(adapter_dir: Path, cfg: dict[str, Any]) -> Adapter:
+    """PEFT's layout: `base_model.model.<module>.lora_A/B.weight`, trained rows as trainable tokens, our sidecar."""
     if not (adapter_dir / SIDECAR).is_file():
         raise CheckpointError(f"{adapter_dir} has no {SIDECAR}, so its base checkpoint is unknown; it is a plain PEFT "
                               "adapter: load it with peft, or add the sidecar (see docs/adapters.md)")
