@@ -11,9 +11,7 @@ shift 2 || shift $#
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH=${PYTHONPATH:-src}
 PY=${PYTHON:-.venv/bin/python}  # the venv scripts/setup.sh makes
 for th in none 0.95 0.9 0.8 0.7 0.5; do
-  flags=()
-  [ "$th" != none ] && flags=(--threshold "$th")
   "$PY" -m diffcoder.cli eval humaneval --model "$MODEL" --block-length 4 --no-shift --max-new-tokens 384 \
-    --batch-size 8 --workers 1 --no-progress --out "$RUNS/he-base-th-$th" "${flags[@]}" "$@"
+    --batch-size 8 --workers 1 --no-progress --out "$RUNS/he-base-th-$th" --threshold "$th" "$@"
 done
 "$PY" -m diffcoder.cli compare "$RUNS"/he-base-th-*/ --plot "$RUNS/threshold-sweep.png"

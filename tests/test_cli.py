@@ -66,3 +66,17 @@ def test_convert_cli(tmp_path, ckpt):
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["block_size"] == 8 and cfg["mask_token_id"] == 3
+
+
+def test_threshold_none_overrides_the_checkpoints_threshold(tmp_path):
+    ck = write_tiny_checkpoint(tmp_path / "thr")
+    gen = json.loads((ck / "generation_config.json").read_text())
+    (ck / "generation_config.json").write_text(json.dumps(dict(gen, threshold=0.01)))
+    common = ["generate", "add two numbers", "--model", str(ck), "--max-new-tokens", "12", "--block-length", "4",
+              "--stats", "--eos-id", "-1"]
+    parallel = json.loads(run(*common).stderr.strip().splitlines()[-1])
+    assert parallel["settings"]["threshold"] == 0.01 and parallel["forwards"] < 12  # the checkpoint's default
+    fixed = json.loads(run(*common, "--threshold", "none").stderr.strip().splitlines()[-1])
+    assert fixed["settings"].get("threshold") is None and fixed["forwards"] == 12
+    bad = run(*common, "--threshold", "high")
+    assert bad.returncode == 2 and "'high' is not a number or 'none'" in bad.stderr

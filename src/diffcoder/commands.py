@@ -24,11 +24,22 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-length", type=int, help="block size B (default: the checkpoint's)")
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--remasking", choices=["low_confidence", "random"])
-    g.add_argument("--threshold", type=float, help="commit every slot with confidence >= this (parallel decoding)")
+    g.add_argument("--threshold", type=threshold_value,
+                   help="commit every slot with confidence >= this (parallel decoding); 'none': a fixed number "
+                        "of commits per step (--steps), overriding the checkpoint's threshold")
     g.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
                    help="logits at i-1 predict token i (Dream style / AR head)")
     g.add_argument("--eos-id", type=int, help="stop token id (-1: never stop early; default: the tokenizer's)")
     g.add_argument("--seed", type=int, default=0)
+
+
+def threshold_value(text: str) -> float | str:
+    if text.lower() == "none":
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
 
 
 def decoding_kwargs(args: argparse.Namespace, defaults: dict) -> dict:
@@ -39,7 +50,7 @@ def decoding_kwargs(args: argparse.Namespace, defaults: dict) -> dict:
     for name in (*DECODING_DEFAULT_KEYS, "max_new_tokens"):
         v = getattr(args, name, None)
         if v is not None:
-            kw[name] = v
+            kw[name] = None if v == "none" else v
     if kw.get("max_new_tokens") is not None:
         kw.pop("gen_length", None)
     elif kw.get("gen_length") is None:
