@@ -240,3 +240,18 @@ def test_adapter_of_another_architecture(trained, tmp_path):
     model, _ = diffcoder.load(other)
     with pytest.raises(CheckpointError, match="has shapes A .* but the base's weight is"):
         merge_into(model, read_adapter(trained["adapter"]))
+
+
+def test_resume_copies_factors_and_rows_into_live_lora(trained):
+    from diffcoder.adapters import load_adapter_weights
+
+    fresh, tok = diffcoder.load(trained["base"])
+    add_special_tokens(fresh, tok, FIM_TOKENS)
+    wrap_with_lora(fresh, trained["rows"], seed=9)  # other random factors and rows
+    load_adapter_weights(fresh, trained["adapter"])
+    live = dict(trained["live"].named_modules())
+    for name, m in fresh.named_modules():
+        if isinstance(m, LoRALinear):
+            assert torch.equal(m.lora_A, live[name].lora_A) and torch.equal(m.lora_B, live[name].lora_B)
+    rows = trained["rows"]
+    assert torch.equal(fresh.model.embed_tokens.weight[rows], trained["live"].model.embed_tokens.weight[rows])
