@@ -281,6 +281,9 @@ def register(subparsers) -> None:
     p.add_argument("--ar", action="store_true", help="the AR origin decoded autoregressively, for comparison")
     p.set_defaults(chat=True)
     add_decoding_flags(p)
+    # The default does not end its turn by itself yet (no SFT): 128 tokens hold its first answer. Under block-causal
+    # attention a longer budget changes nothing before it.
+    p.set_defaults(max_new_tokens=128)
     p.set_defaults(func=cmd_demo)
 
 
