@@ -255,3 +255,16 @@ def test_resume_copies_factors_and_rows_into_live_lora(trained):
             assert torch.equal(m.lora_A, live[name].lora_A) and torch.equal(m.lora_B, live[name].lora_B)
     rows = trained["rows"]
     assert torch.equal(fresh.model.embed_tokens.weight[rows], trained["live"].model.embed_tokens.weight[rows])
+
+
+def test_loading_an_adapter_needs_nothing_from_training(trained):
+    """diffcoder.load of an adapter reads the format from diffcoder.adapters alone (issue 12)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, diffcoder; diffcoder.load(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.startswith(('diffcoder.training', 'peft'))))")
+    p = subprocess.run([sys.executable, "-c", code, str(trained["adapter"])], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "[]"
