@@ -77,9 +77,9 @@ def official_loop(model, prompt, gen_length, block, steps, mask_id):
 def run_case(case: str, new_tokens: int) -> dict:
     import diffcoder
     from diffcoder.decoding import generate, generate_ar
-    from diffcoder.pull import ensure_default_model
+    from diffcoder.pull import ensure_ar_origin
 
-    path = ensure_default_model()
+    path = ensure_ar_origin()
     model, tok = diffcoder.load(path)
     mask = model.config.mask_token_id
     prompts = [encode(tok, p) for p in PROMPTS]

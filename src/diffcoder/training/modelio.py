@@ -10,14 +10,16 @@ from diffcoder.errors import CheckpointError, ConfigError
 
 
 def resolve_model_path(spec: str | Path) -> Path:
-    """'default' (or 'smollm2') -> the embedded default (diffusion-ready HF dir); anything else is a path."""
-    from diffcoder.pull import MODELS, ensure_default_model
+    """A built-in name ('default' = 'smollm2': the diffusion default; 'smollm2-ar': its AR origin) -> its
+    directory, built on first use; anything else is a path."""
+    from diffcoder.pull import BUILTINS, resolve_model
 
-    if str(spec) == "default" or str(spec) in MODELS:
-        return Path(ensure_default_model())
+    if str(spec) == "default" or str(spec) in BUILTINS:
+        return resolve_model(str(spec))
     p = Path(spec).expanduser()
     if not p.exists():
-        raise CheckpointError(f"model path {p} does not exist; give a checkpoint directory, a .gguf or 'default'")
+        raise CheckpointError(f"model path {p} does not exist; give a checkpoint directory, a .gguf, 'smollm2' "
+                              "(the diffusion default) or 'smollm2-ar' (its AR origin)")
     return p
 
 

@@ -320,7 +320,7 @@ class Trainer:
 
                 save_distributed(self, d)
             elif self.cfg.lora.enabled:
-                from diffcoder.training.lora import save_adapter
+                from diffcoder.adapters import save_adapter
 
                 save_adapter(self.model, d, self.base_path, self.tokenizer)
             else:
@@ -342,7 +342,7 @@ class Trainer:
 
                 load_distributed(self, path)
             elif self.cfg.lora.enabled:
-                from diffcoder.training.lora import load_adapter_weights
+                from diffcoder.adapters import load_adapter_weights
 
                 load_adapter_weights(self.model, path)
                 if self.token_rows is not None:
