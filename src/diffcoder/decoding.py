@@ -37,20 +37,42 @@ def commit_counts(n_masks: int, steps: int) -> list[int]:
     return [base + (1 if j < extra else 0) for j in range(steps)]
 
 
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Sampling filters before the draw: keep the `top_k` most likely tokens, then the smallest set whose
+    probability under softmax(logits / T) reaches `top_p` (the most likely token always stays); the rest get
+    -inf. Ties at the cut keep the lower token id. None (or top_k 0, top_p 1) leaves a filter off."""
+    order = logits.argsort(dim=-1, descending=True, stable=True)
+    ranked = logits.gather(-1, order)
+    drop = torch.zeros_like(ranked, dtype=torch.bool)
+    if top_k:
+        drop[..., top_k:] = True
+    if top_p is not None and top_p < 1.0:
+        probs = torch.softmax(ranked.masked_fill(drop, -math.inf) / temperature, -1)
+        drop |= (probs.cumsum(-1) - probs) >= top_p  # the mass before a token already reaches top_p
+    return logits.scatter(-1, order, ranked.masked_fill(drop, -math.inf))
+
+
 def propose(
     logits: torch.Tensor,
     mask_id: int | None,
     temperature: float = 0.0,
     remasking: str = "low_confidence",
     generator: torch.Generator | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Proposed token and confidence per slot (DESIGN §2.4). logits: [..., vocab] -> ([...], [...] float64)."""
+    """Proposed token and confidence per slot (DESIGN §2.4). logits: [..., vocab] -> ([...], [...] float64).
+
+    top_k/top_p filter the draw at temperature > 0 only (greedy keeps the top token anyway); the confidence is
+    always read from the unfiltered distribution, as in the reference."""
     logits = logits.to(torch.float64)
     if mask_id is not None:
         logits[..., mask_id] = -math.inf  # the mask token is never a prediction
     if temperature > 0:
+        drawn = filter_logits(logits, temperature, top_k, top_p) if top_k or top_p is not None else logits
         u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-        x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+        x0 = (drawn.exp() / (-torch.log(u)) ** temperature).argmax(-1)
     else:
         x0 = logits.argmax(-1)
     if remasking == "low_confidence":
@@ -60,6 +82,18 @@ def propose(
     else:
         raise DecodingError(f"remasking must be one of {', '.join(REMASKING)}, got {remasking!r}")
     return x0, confidence
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int | None, top: int = 0):
+    """log p(token) under the model's distribution at this step (mask token suppressed, no temperature or
+    filters), and the `top` most likely (ids, logprobs) per slot. logits [n, vocab], tokens [n]."""
+    logits = logits.to(torch.float64)
+    if mask_id is not None:
+        logits[..., mask_id] = -math.inf
+    lp = torch.log_softmax(logits, -1)
+    chosen = lp.gather(-1, tokens[:, None])[:, 0]
+    best = lp.topk(min(top, lp.shape[-1]), dim=-1) if top > 0 else None
+    return chosen, best
 
 
 def choose_commits(
@@ -95,6 +129,8 @@ class DecodeEvent:
     positions: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     forwards: int = 0
+    logprobs: list[float] = field(default_factory=list)  # commits only, when asked: log p of each token
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # and the most likely alternatives
 
 
 @dataclass
@@ -235,6 +271,9 @@ def generate(
     cancelled: Callable[[int], bool] | None = None,
     generator: torch.Generator | None = None,
     return_result: bool = False,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    logprobs: int | None = None,
 ) -> torch.Tensor | GenerationResult:
     """Decode a batch of prompts. Accepts the official call unchanged; see DESIGN §2 for the semantics.
 
@@ -242,7 +281,9 @@ def generate(
     Returns [N, L] ids (prompt + generation, right-padded with EOS), or a GenerationResult with
     `return_result=True`. eos_id defaults to the tokenizer's (else the config's); -1 disables the EOS stop.
     `on_event` receives commits as they happen; `cancelled(row)` is polled between
-    blocks and drops that row (e.g. a client that went away).
+    blocks and drops that row (e.g. a client that went away). `top_k`/`top_p` filter the draw at temperature > 0
+    (see `filter_logits`); `logprobs` (an int k >= 0) adds each committed token's log-probability at its commit
+    step, and the k most likely alternatives, to the commit events.
     """
     cfg = model.config
     block = cfg.block_size if block_length is None else block_length  # 0 is an error, not "the default"
@@ -262,6 +303,10 @@ def generate(
         raise DecodingError(f"threshold must be in (0, 1] or None, got {threshold}")
     if remasking not in REMASKING:
         raise DecodingError(f"remasking must be one of {', '.join(REMASKING)}, got {remasking!r}")
+    if top_k is not None and top_k < 0:
+        raise DecodingError(f"top_k must be >= 0 (0: off), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise DecodingError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens is not None:
         if max_new_tokens < 1:
             raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -277,7 +322,7 @@ def generate(
         S = validate(len(p), gen_length, steps, block, cfg.max_position_embeddings)
 
     result = _decode(model, prompts, S, gen_length, block, temperature, remasking, shift, threshold,
-                     eos_id, mask_id, on_event, cancelled, generator)
+                     eos_id, mask_id, on_event, cancelled, generator, top_k, top_p, logprobs)
     if max_new_tokens is not None:
         result.sequences = [s[: p + max_new_tokens] for s, p in zip(result.sequences, result.prompt_lengths)]
     return result if return_result else result.padded(eos_id if eos_id is not None else (cfg.pad_token_id or 0),
@@ -285,7 +330,7 @@ def generate(
 
 
 def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, threshold, eos_id, mask_id,
-            on_event, cancelled, generator) -> GenerationResult:
+            on_event, cancelled, generator, top_k=None, top_p=None, logprobs=None) -> GenerationResult:
     device = model.device
     N = len(prompts)
     lens = torch.tensor([len(p) for p in prompts])
@@ -340,7 +385,10 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
                 block_hidden = torch.cat([before[:, None], block_hidden[:, :-1]], dim=1)
             masked = to_fill[:, s:e]
             # The LM head and softmax run only where a prediction is needed: the still-masked slots.
-            x0_m, conf_m = propose(model.lm_head(block_hidden[masked]), mask_id, temperature, remasking, generator)
+            logits_m = model.lm_head(block_hidden[masked])
+            x0_m, conf_m = propose(logits_m, mask_id, temperature, remasking, generator, top_k, top_p)
+            want_scores = logprobs is not None and on_event is not None
+            scores = _slot_logprobs(logits_m, x0_m, masked, mask_id, logprobs) if want_scores else None
             x0 = torch.zeros(masked.shape, dtype=torch.long, device=device).masked_scatter(masked, x0_m)
             conf = torch.full(masked.shape, -math.inf, dtype=torch.float64, device=device).masked_scatter(
                 masked, conf_m)
@@ -351,8 +399,11 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
             if on_event is not None:
                 for r in torch.nonzero(commit.any(-1)).flatten().tolist():
                     c = torch.nonzero(commit[r]).flatten()
-                    on_event(DecodeEvent("commit", rows[r], b, step, (c + s - int(pads[r])).tolist(),
-                                         x0[r, c].tolist(), forwards))
+                    ev = DecodeEvent("commit", rows[r], b, step, (c + s - int(pads[r])).tolist(),
+                                     x0[r, c].tolist(), forwards)
+                    if scores is not None:
+                        ev.logprobs, ev.top_logprobs = scores(r, c)
+                    on_event(ev)
             step += 1
 
         # The block is clean: EOS stop, emit, and drop finished rows.
@@ -385,6 +436,21 @@ def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, thr
         forwards=forwards,
         steps=steps_taken,
     )
+
+
+def _slot_logprobs(logits_m, x0_m, masked, mask_id, top):
+    """For commit events: (logprobs, top alternatives) of row r's slots c, from the masked slots' logits."""
+    chosen, best = token_logprobs(logits_m, x0_m, mask_id, top)
+    index = torch.full(masked.shape, -1, dtype=torch.long, device=masked.device)
+    index[masked] = torch.arange(len(x0_m), device=masked.device)
+
+    def scores(r: int, c: torch.Tensor):
+        i = index[r, c]
+        alts = [[]] * len(i) if best is None else [
+            list(zip(ids.tolist(), lps.tolist())) for ids, lps in zip(best.indices[i], best.values[i])]
+        return chosen[i].tolist(), alts
+
+    return scores
 
 
 @torch.no_grad()

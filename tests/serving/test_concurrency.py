@@ -28,7 +28,7 @@ def test_32_simultaneous_requests_equal_alone(server, reference):
     # two settings groups, so the queue must be grouped by batch-wide settings
     jobs = [(PROMPTS[i % 8], 16 if i % 2 else 24, 4 if i % 4 < 2 else 2) for i in range(32)]
     before_count = metric_value(server.base, "diffcoder_batch_size_count")
-    before_ones = metric_value(server.base, 'diffcoder_batch_size_bucket{le="1"}')
+    before_ones = metric_value(server.base, 'diffcoder_batch_size_bucket{le="1.0"}')
 
     def call(job):
         prompt, max_tokens, spb = job
@@ -44,7 +44,7 @@ def test_32_simultaneous_requests_equal_alone(server, reference):
         assert body["choices"][0]["text"] == want["text"], (prompt, max_tokens, spb)
         assert body["usage"]["completion_tokens"] == len(want["ids"])
     batches = metric_value(server.base, "diffcoder_batch_size_count") - before_count
-    singles = metric_value(server.base, 'diffcoder_batch_size_bucket{le="1"}') - before_ones
+    singles = metric_value(server.base, 'diffcoder_batch_size_bucket{le="1.0"}') - before_ones
     assert batches < 32, "requests were batched"
     assert singles < batches, "at least one batch held more than one row"
 

@@ -42,9 +42,9 @@ def test_metrics_count_what_was_served(server):
     usage = httpx.post(server.base + "/v1/completions", json=body, timeout=60).json()["usage"]
     httpx.post(server.base + "/v1/completions", json={**body, "model": "nope"}, timeout=60)
     after = scrape(server)
-    key = 'diffcoder_requests_total{endpoint="/v1/completions",code="200"}'
+    key = 'diffcoder_requests_total{code="200",endpoint="/v1/completions"}'
     assert after[key] - before.get(key, 0) == 1
-    key404 = 'diffcoder_requests_total{endpoint="/v1/completions",code="404"}'
+    key404 = 'diffcoder_requests_total{code="404",endpoint="/v1/completions"}'
     assert after[key404] - before.get(key404, 0) == 1
     gen = after["diffcoder_generated_tokens_total"] - before["diffcoder_generated_tokens_total"]
     assert gen == usage["completion_tokens"]

@@ -18,12 +18,14 @@ def __getattr__(name: str) -> Any:
 
 def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: str | None = None,
               served_name: str | None = None, mask_id: int | None = None, overrides: dict | None = None,
-              batch_wait: float = 0.02, device: str = "cpu"):
-    """Load a checkpoint and return (app, engine) ready for uvicorn."""
+              batch_wait: float = 0.02, device: str = "cpu", max_body_bytes: int | None = None,
+              on_fatal=None, max_restarts: int = 3):
+    """Load a checkpoint, check the decoding defaults against it, and return (app, engine) ready for uvicorn."""
     from pathlib import Path
 
     import diffcoder
     from diffcoder.errors import ConfigError
+    from diffcoder.serving.schemas import check_defaults
 
     model, tokenizer = diffcoder.load(model_path, dtype=dtype, device=device)
     if tokenizer is None:
@@ -32,12 +34,17 @@ def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: s
     if mask_id is None and model.config.mask_token_id is None:
         raise ConfigError(f"{model_path} has no mask token, so it cannot be decoded by diffusion; run "
                           f"`diffcoder convert` on it first, or pass --mask-id with an unused token id")
-    defaults = dict(getattr(model, "generation_defaults", {}) or {})
-    defaults.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if mask_id is not None and not 0 <= mask_id < model.config.vocab_size:
+        raise ConfigError(f"--mask-id {mask_id} is outside the vocabulary (0..{model.config.vocab_size - 1})")
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    defaults = {**(getattr(model, "generation_defaults", {}) or {}), **given}
+    check_defaults(defaults, given, model.config.max_position_embeddings, model.config.block_size)
     from diffcoder.serving.app import create_app
     from diffcoder.serving.engine import Engine
 
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, mask_id=mask_id,
-                    batch_wait=batch_wait)
+                    batch_wait=batch_wait, max_restarts=max_restarts)
     name = served_name or Path(model_path).name.removesuffix(".gguf")
-    return create_app(engine, name, defaults), engine
+    if max_body_bytes is None:
+        from diffcoder.serving.app import DEFAULT_MAX_BODY_BYTES as max_body_bytes
+    return create_app(engine, name, defaults, max_body_bytes=max_body_bytes, on_fatal=on_fatal), engine
