@@ -85,9 +85,9 @@ ATTACKS = {  # name -> (answer code, the kind it must be recorded as)
                                     "    raise PermissionError('unshare refused')\nos.makedirs('/tmp/m')\n"
                                     "libc.mount(b'none', b'/tmp/m', b'tmpfs', 0, None)\nfor i in range(128):\n"
                                     "    open(f'/tmp/m/{i}', 'wb').write(b'x' * (15 << 20))\n" + WRONG, "permission"),
-    "memfd_beyond_the_memory_limit": ("import os\nheld = []\nfor i in range(120):\n    fd = os.memfd_create(str(i))\n"
-                                      "    os.write(fd, b'x' * ((16 << 20) - 1))\n    held.append(fd)\n" + WRONG,
-                                      "memory_limit"),
+    "memfd_beyond_the_memory_limit": ("import os\nheld = []\nfor i in range(120):  # 16 MB each: under the file limit\n"
+                                      "    fd = os.memfd_create(str(i))\n    os.posix_fallocate(fd, 0, (16 << 20) - 1)\n"
+                                      "    held.append(fd)\n" + WRONG, "memory_limit"),
 }
 NAMES = ["genuine", *ATTACKS]
 

@@ -148,7 +148,7 @@ def test_the_memory_limit_covers_shared_memory(host):
     if not _cgroup(sb, "memory"):
         pytest.skip("no memory cgroup here")
     program = ("import os\nfds = []\nfor i in range(120):\n    fd = os.memfd_create(f'm{i}')\n"
-               "    os.write(fd, b'x' * ((16 << 20) - 1))\n    fds.append(fd)\nprint('held 1.9 GB')\n")
+               "    os.posix_fallocate(fd, 0, (16 << 20) - 1)\n    fds.append(fd)\nprint('held 1.9 GB')\n")
     r = sb.run(program)
     assert r.kind == "memory_limit" and "held" not in r.stdout_tail, (r.kind, r.detail)
     # and the capped tmpfs: /tmp and /dev/shm are full at their size, /dev and / are read-only

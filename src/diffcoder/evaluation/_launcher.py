@@ -63,6 +63,17 @@ class Started:
         self.usage = None
         self.ended_itself = False
 
+    def close(self) -> None:
+        """Release what this run holds (the launcher serves many runs: nothing may leak into the next)."""
+        for fd in (self.status_r, self.init_pidfd):
+            if fd is not None:
+                os.close(fd)
+        self.status_r = self.init_pidfd = None
+        if self.workdir:
+            import shutil
+
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
 
 def _rlimits(lim: dict, uid_switched: bool) -> dict[int, tuple[int, int]]:
     nproc = int(lim["nproc"]) + 2  # + bwrap's monitor and the namespace's init
@@ -318,30 +329,26 @@ def run(job: dict, job_dir: str) -> dict:
         report["leftover"] = cgroup.remove() if cgroup is not None else 0
         if job["mode"] != "bwrap" and job["uid"] is not None:
             report["leftover"] += len(_processes_of(job["uid"]))
-        if started is not None and started.workdir:
-            _remove_tree(started.workdir)
+        if started is not None:
+            started.close()
     return report
 
 
-def _remove_tree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def main(job_dir: str | None = None) -> None:
-    job_dir = job_dir or sys.argv[1]
+def job_report(job_dir: str) -> dict:
     try:
         with open(os.path.join(job_dir, "job.marshal"), "rb") as f:
             job = marshal.load(f)
-        report = run(job, job_dir)
+        return run(job, job_dir)
     except Exception:  # noqa: BLE001 - our own failure: the harness records it as sandbox_error
         import traceback
 
-        report = {"error": traceback.format_exc()[-2000:]}
-    sys.stdout.buffer.write(marshal.dumps(report))
-    sys.stdout.flush()
+        return {"error": traceback.format_exc()[-2000:]}
 
 
-if __name__ == "__main__":
-    main()
+def serve() -> None:
+    """Run the jobs named on stdin (a folder per line) until EOF; each report goes to stdout as a marshalled
+    dict after its 4-byte length."""
+    for line in sys.stdin.buffer:
+        data = marshal.dumps(job_report(line.decode().strip()))
+        sys.stdout.buffer.write(len(data).to_bytes(4, "big") + data)
+        sys.stdout.flush()

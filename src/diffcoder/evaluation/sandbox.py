@@ -24,13 +24,17 @@ import functools
 import marshal
 import math
 import os
+import queue
 import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -197,6 +201,54 @@ def _tail(path: Path, n: int = 4000) -> str:
         return ""
 
 
+class _Launcher:
+    """A launcher interpreter (`_launcher.serve`) that runs jobs one after another: its start-up (a third of
+    a run's cost) is paid once per worker, not once per program."""
+
+    def __init__(self):
+        boot = f"import sys; sys.path.insert(0, {str(LAUNCHER.parent)!r}); import _launcher; _launcher.serve()"
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", boot], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+                                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+
+    def run(self, job_dir: Path, timeout_s: float) -> object:
+        self.proc.stdin.write(f"{job_dir}\n".encode())
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout_s
+        size = int.from_bytes(self._read(4, deadline), "big")
+        return marshal.loads(self._read(size, deadline))
+
+    def _read(self, n: int, deadline: float) -> bytes:
+        fd, data = self.proc.stdout.fileno(), b""
+        while len(data) < n:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError("the launcher did not answer in time")
+            chunk = os.read(fd, n - len(data))
+            if not chunk:
+                raise EOFError(f"the launcher ended (exit {self.proc.poll()})")
+            data += chunk
+        return data
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher and its checker
+        except OSError:
+            pass
+        self.proc.wait()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()  # the launcher ends at EOF
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.kill()
+
+
+def _close_launchers(launchers: list[_Launcher]) -> None:
+    while launchers:
+        launchers.pop().close()
+
+
 class Sandbox:
     """Runs programs under `limits`. Thread-safe: `run_many` runs them in parallel processes."""
 
@@ -211,6 +263,9 @@ class Sandbox:
         self._isolation: list[str] | None = None
         self._probe_lock = threading.Lock()
         self._probing = False
+        self._launchers: list[_Launcher] = []  # every launcher process of this sandbox
+        self._idle: queue.SimpleQueue[_Launcher] = queue.SimpleQueue()  # those waiting for a job
+        weakref.finalize(self, _close_launchers, self._launchers)
 
     @property
     def containment(self) -> containment.Containment:
@@ -286,24 +341,24 @@ class Sandbox:
             shutil.rmtree(job_dir, ignore_errors=True)
 
     def _launch(self, job_dir: Path) -> dict:
-        # Imported rather than run as a script, so that its cached bytecode is used.
-        boot = f"import sys; sys.path.insert(0, {str(LAUNCHER.parent)!r}); import _launcher; _launcher.main()"
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", boot, str(job_dir)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True,
-                                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        """The launcher's report on one job, from an idle launcher of the pool (or a new one)."""
         try:
-            out, err = proc.communicate(timeout=self.limits.timeout_s + 30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its checker; the program dies with them
-            proc.communicate()
-            return {"error": "the launcher did not return"}
+            launcher = self._idle.get_nowait()
+        except queue.Empty:
+            launcher = _Launcher()
+            self._launchers.append(launcher)
         try:
-            report = marshal.loads(out)
-            if type(report) is dict:
-                return report
-        except (EOFError, ValueError, TypeError):
-            pass
-        return {"error": f"launcher failed (exit {proc.returncode}): {err.decode(errors='replace').strip()[-500:]}"}
+            report = launcher.run(job_dir, self.limits.timeout_s + 30)
+        except (OSError, EOFError, TimeoutError, ValueError, TypeError) as exc:
+            launcher.kill()  # with its checker; the program dies with them (bwrap --die-with-parent)
+            self._launchers.remove(launcher)
+            return {"error": f"the launcher failed: {type(exc).__name__}: {exc}"}
+        self._idle.put(launcher)
+        return report if type(report) is dict else {"error": "the launcher's report is not a dict"}
+
+    def close(self) -> None:
+        """End the launcher processes (also done when the Sandbox is garbage-collected or at exit)."""
+        _close_launchers(self._launchers)
 
     def run_many(self, programs: Sequence[Program | str], workers: int | None = None,
                  on_result: Callable[[int, ExecResult], None] | None = None) -> list[ExecResult]:
