@@ -1,18 +1,20 @@
 """Sandbox launcher: run one program in the sandbox and its test in the trusted checker, then report.
 
-Run in a separate interpreter (`python -I -S`, importing this module and calling `main(JOB_DIR)`), stdlib only, so that it starts single-threaded:
-forking from the (multi-threaded, torch-loaded) evaluation process would be unsafe. Three processes take part:
+Runs in its own interpreter (`python -I -S`, importing this module), stdlib only and single-threaded: forking
+from the (multi-threaded, torch-loaded) evaluation process would be unsafe. `serve()` runs the jobs named on
+its stdin one after another, so an evaluation pays this interpreter's start-up once per worker, not per
+program. Three processes take part in a job:
 
 - the program: a sandboxed interpreter running `_runner` (bubblewrap, or the plain-process fallback), in its
   own cgroup, under rlimits and, as root, a fresh unprivileged uid;
 - the checker (`_checker`), a fork of this launcher outside the sandbox: it runs the trusted test code against
   the program and writes the verdict to a pipe that only it and this launcher hold;
-- this launcher: it enforces the wall-clock deadline, kills the program by its PID namespace (or its cgroup),
-  removes the cgroup, and prints one JSON report line.
+- this launcher: it enforces the wall-clock deadline, kills the program by its PID namespace (then its
+  cgroup), removes the cgroup and reports.
 
-JOB_DIR/job.marshal is the job and JOB_DIR/runtime.bin the runner's code; the program's stdout/stderr go to JOB_DIR/stdout and JOB_DIR/stderr (files, so
-RLIMIT_FSIZE caps them). JOB_DIR is ours alone and never visible inside the sandbox. The report goes to stdout
-as one marshalled dict. (No `json` here: its import is a fifth of this script's start-up, paid on every run.)
+JOB_DIR/job.marshal is the job and JOB_DIR/runtime.bin the runner's code; the program's stdout and stderr go to
+JOB_DIR/stdout and JOB_DIR/stderr (files, so RLIMIT_FSIZE caps them). JOB_DIR is ours alone and never visible
+inside the sandbox. Reports are marshalled dicts. (No `json` here: its import is a fifth of our start-up.)
 """
 
 import marshal
@@ -89,12 +91,15 @@ def _rlimits(lim: dict, uid_switched: bool) -> dict[int, tuple[int, int]]:
 
 
 def _processes_of(uid: int) -> list[int]:
+    """Live processes (zombies aside: they are gone, only not yet reaped) owned by `uid`."""
     found = []
     for p in os.listdir("/proc"):
         try:
             if p.isdigit() and os.stat(f"/proc/{p}").st_uid == uid:
-                found.append(int(p))
-        except OSError:
+                with open(f"/proc/{p}/stat", "rb") as f:
+                    if f.read().rpartition(b")")[2].split()[0] != b"Z":
+                        found.append(int(p))
+        except (OSError, IndexError):
             pass
     return found
 
@@ -155,9 +160,9 @@ def start_program(job: dict, job_dir: str, cgroup) -> Started:
     return Started(pid, start, req_w, resp_r, status_r, workdir)
 
 
-def namespace_init(status_r: int, deadline: float) -> int | None:
-    """A pidfd of the sandbox's PID 1, from bwrap's first status line `{ "child-pid": N, ... }` (None if bwrap
-    failed to set up). Taken while bwrap still waits on it, so the pid cannot have been reused."""
+def namespace_init(status_r: int, parent: int, deadline: float) -> int | None:
+    """A pidfd of the sandbox's PID 1, from bwrap's first status line `{ "child-pid": N, ... }`, checked to be
+    the child of bwrap's monitor `parent` (so not a reused pid); None if bwrap failed to set up."""
     data = b""
     while b"\n" not in data and time.monotonic() < deadline:
         if select.select([status_r], [], [], max(0.0, deadline - time.monotonic()))[0]:
@@ -167,10 +172,24 @@ def namespace_init(status_r: int, deadline: float) -> int | None:
             data += chunk
     _, found, rest = data.partition(b'"child-pid":')
     digits = rest.lstrip().split(b",")[0].split(b"}")[0].strip()
+    if not (found and digits.isdigit()):
+        return None
+    import signal
+
     try:
-        return os.pidfd_open(int(digits)) if found and digits.isdigit() else None
+        pidfd = os.pidfd_open(int(digits))
     except OSError:
         return None
+    try:
+        with open(f"/proc/{int(digits)}/stat", "rb") as f:
+            ppid = int(f.read().rpartition(b")")[2].split()[1])
+        signal.pidfd_send_signal(pidfd, 0)  # still alive after the check: the /proc entry was this process
+        if ppid == parent:
+            return pidfd
+    except (OSError, ValueError, IndexError):
+        pass
+    os.close(pidfd)
+    return None
 
 
 def _read_until_eof(fd: int, deadline: float) -> tuple[bytes, bool]:
@@ -315,7 +334,7 @@ def run(job: dict, job_dir: str) -> dict:
         checker, verdict_r = fork_checker(job, job_dir, started)  # it starts talking while bwrap sets up
         deadline = started.start + float(job["limits"]["timeout_s"])
         if started.status_r is not None:
-            started.init_pidfd = namespace_init(started.status_r, deadline)
+            started.init_pidfd = namespace_init(started.status_r, started.pid, deadline)
         verdict, timed_out = await_verdict(checker, verdict_r, deadline)
         wall = time.monotonic() - started.start
         status = (verdict or {}).get("status")
@@ -326,6 +345,8 @@ def run(job: dict, job_dir: str) -> dict:
                   "memory_peak": cgroup.memory_peak() if cgroup else None,
                   "cgroup": cgroup.limits() if cgroup else [], "uid": job["uid"], "mode": job["mode"]}
     finally:
+        if started is not None and started.status is None:  # we failed midway: the program must not stay
+            stop_program(job, started, cgroup, 0.0)
         report["leftover"] = cgroup.remove() if cgroup is not None else 0
         if job["mode"] != "bwrap" and job["uid"] is not None:
             report["leftover"] += len(_processes_of(job["uid"]))
