@@ -143,31 +143,37 @@ def runs(tmp_path_factory, model_and_tokenizer):
     return {"generated": generated, "rescored": rescored}
 
 
+@pytest.fixture
+def contained(runs) -> dict:
+    if runs["generated"]["summary"]["sandbox"]["mode"] != "bwrap":
+        pytest.skip("bubblewrap is not in force here (see the summary's notes): the fallback is weaker, "
+                    "benchmarks/sandbox_attacks.py --fallback shows by how much")
+    return runs
+
+
 def _check_score(run: dict) -> None:
     s = run["summary"]
     assert s["samples"] == len(NAMES) and s["tasks"] == 1 and len(run["records"]) == len(NAMES)  # none dropped
     assert s["passed"] == 1 and s["pass_at_k"]["pass@1"] == pytest.approx(1 / len(NAMES))
-    if s["sandbox"]["mode"] != "bwrap":
-        pytest.skip("bubblewrap is not in force here: the escapes are not contained (see the summary's notes)")
 
 
-def test_the_genuine_solution_is_the_only_pass(runs):
-    for run in runs.values():
+def test_the_genuine_solution_is_the_only_pass(contained):
+    for run in contained.values():
         _check_score(run)
         assert run["records"]["genuine"]["kind"] == "passed"
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
-def test_attack_is_scored_as_a_failure_of_its_kind(runs, name):
-    for label, run in runs.items():
+def test_attack_is_scored_as_a_failure_of_its_kind(contained, name):
+    for label, run in contained.items():
         record = run["records"][name]
         assert ATTACKS[name][0] in record["code"], label  # the attack is what was run
         assert (record["kind"], record["passed"]) == (ATTACKS[name][1], False), (label, record["detail"])
         _check_score(run)
 
 
-def test_nothing_is_left_on_the_host(runs):
-    for label, run in runs.items():
+def test_nothing_is_left_on_the_host(contained):
+    for label, run in contained.items():
         assert run["left"] == {}, label
 
 
