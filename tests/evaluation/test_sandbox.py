@@ -323,7 +323,22 @@ def test_bwrap_that_cannot_start_makes_way_for_the_fallback(monkeypatch):
     sb = Sandbox(Limits(timeout_s=5))
     if shutil_which_bwrap() is None:
         pytest.skip("no bubblewrap here")
-    assert sb.containment.mode == "process" and any("bubblewrap failed" in n for n in sb.containment.notes)
+    assert sb.containment.mode == "process" and any("with bwrap" in n and "failed" in n for n in sb.containment.notes)
+    assert sb.run("pass").kind == "passed"
+
+
+def test_cgroups_that_cannot_be_made_make_way_for_rlimits(monkeypatch, tmp_path):
+    real_find = sandbox_module.containment.find
+
+    def unwritable_cgroups(*args, **kwargs):
+        c = real_find(*args, **kwargs)
+        c.cgroup_parents = {"memory": str(tmp_path / "missing")}
+        return c
+
+    monkeypatch.setattr(sandbox_module.containment, "find", unwritable_cgroups)
+    sb = Sandbox(Limits(timeout_s=5))
+    assert sb.containment.cgroup_parents == {} and any("failed" in n for n in sb.containment.notes)
+    assert not any("cgroup memory" in i for i in sb.isolation())
     assert sb.run("pass").kind == "passed"
 
 

@@ -37,7 +37,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from diffcoder.errors import ConfigError, DiffcoderError
@@ -262,34 +262,45 @@ class Sandbox:
         self._containment: containment.Containment | None = None
         self._isolation: list[str] | None = None
         self._probe_lock = threading.Lock()
-        self._probing = False
+        self._prober: int | None = None  # the thread probing, whose runs use the setting on trial
         self._launchers: list[_Launcher] = []  # every launcher process of this sandbox
         self._idle: queue.SimpleQueue[_Launcher] = queue.SimpleQueue()  # those waiting for a job
         weakref.finalize(self, _close_launchers, self._launchers)
 
     @property
     def containment(self) -> containment.Containment:
-        """What this machine offers, confirmed by running an empty program (bubblewrap that fails to start
-        here makes way for the fallback, with the reason in the notes)."""
-        if self._probing:  # the probe's own run
+        """What this machine offers, confirmed by running an empty program: what fails to start here (bubblewrap,
+        the cgroups) makes way for the next weaker setting, with the reason in the notes."""
+        if self._prober == threading.get_ident():  # the probe's own runs
             return self._containment  # type: ignore[return-value]
         with self._probe_lock:
             if self._isolation is None:
-                self._containment = c = containment.find(self.limits.tmpfs_mb, self.isolate)
-                self._probing = True
+                self._prober = threading.get_ident()
                 try:
-                    probe = self.run(Program("pass"))
-                    if probe.kind == "sandbox_error" and c.mode == "bwrap":
-                        c.mode, c.bwrap = "process", []
-                        c.notes.append(f"bubblewrap failed here ({probe.detail[:200]})")
-                        probe = self.run(Program("pass"))
+                    self._isolation = self._probe().isolation
                 finally:
-                    self._probing = False
-                if probe.kind != "passed":
-                    raise SandboxUnavailable(f"cannot run programs in the sandbox here: {probe.kind}: "
-                                             f"{probe.detail}")
-                self._isolation = probe.isolation
+                    self._prober = None
         return self._containment  # type: ignore[return-value]
+
+    def _probe(self) -> ExecResult:
+        c = found = containment.find(self.limits.tmpfs_mb, self.isolate)
+        for without in ([], ["cgroup"], ["bwrap"], ["bwrap", "cgroup"]):
+            if ("bwrap" not in without or found.mode == "bwrap") and ("cgroup" not in without or found.cgroup_parents):
+                c = replace(found, notes=list(found.notes))
+                if "bwrap" in without:
+                    c.mode, c.bwrap = "process", []
+                if "cgroup" in without:
+                    c.cgroup_parents = {}
+                self._containment = c
+                probe = self.run(Program("pass"))
+                if probe.kind != "sandbox_error":
+                    break
+                found.notes.append(f"with {c.mode} and {'cgroups' if c.cgroup_parents else 'no cgroup'} the sandbox "
+                                   f"failed here ({probe.detail[:200]})")
+        if probe.kind != "passed":
+            raise SandboxUnavailable(f"cannot run programs in the sandbox here: {probe.kind}: {probe.detail}")
+        c.notes = found.notes
+        return probe
 
     @property
     def uid_switch(self) -> bool:
