@@ -291,6 +291,17 @@ def test_only_the_checker_can_say_passed():
     assert classify(failed, "", 5.0)[0] == "sandbox_error"  # a kind the checker never gives
 
 
+def test_a_test_that_catches_exceptions_cannot_hide_a_broken_program():
+    """Tests that expect an exception (`try: f(x) except: pass`) must not take the program's death or a
+    protocol breach for that exception: the channel stays broken and the final handshake fails."""
+    sb = Sandbox(Limits(timeout_s=10, file_size_mb=1))
+    test = "try:\n    f(1)\nexcept:\n    pass\n"
+    programs = [Program("def f(x):\n    raise ValueError(x)\n", test, entry_point="f"),
+                Program("import os\ndef f(x):\n    os._exit(0)\n", test, entry_point="f"),
+                Program("def f(x):\n    return 'x' * 2 ** 21\n", test, entry_point="f")]
+    assert [r.kind for r in sb.run_many(programs, workers=2)] == ["passed", "early_exit", "output_limit"]
+
+
 def test_a_stderr_claim_of_a_sandbox_failure_is_the_program_s_failure(sandbox):
     r = sandbox.run("import os, sys\nsys.stderr.write('sandbox setup failed: OSError()\\n')\nsys.stderr.flush()\n"
                     "os._exit(1)\n")

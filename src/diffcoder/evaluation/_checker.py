@@ -20,8 +20,9 @@ NETWORK_ERRNOS = (101, 110, 111, 113)  # ENETUNREACH, ETIMEDOUT, ECONNREFUSED, E
 PERMISSION_ERRNOS = (1, 13, 30)  # EPERM, EACCES, EROFS
 
 
-class ProgramFault(Exception):
-    """The program failed in a way the test code cannot see (a broken channel, a bad answer)."""
+class ProgramFault(BaseException):
+    """The program failed in a way the test code must not see: a broken channel, a bad answer. Not an
+    Exception, so a test's `except Exception` cannot swallow it; and the channel stays broken after it."""
 
     def __init__(self, kind: str, detail: str):
         super().__init__(detail)
@@ -89,30 +90,37 @@ class Channel:
 
     def __init__(self, rfd: int, wfd: int, limit: int):
         self.rfd, self.wfd, self.limit = rfd, wfd, limit
+        self.fault: ProgramFault | None = None  # once broken, every later request fails the same way
 
     def request(self, message: dict) -> object:
+        if self.fault is not None:
+            raise self.fault
         try:
             _wire.send_trusted(self.wfd, message)
             reply = _wire.recv(self.rfd, self.limit)
         except (EOFError, OSError) as exc:
-            raise ChannelClosed("early_exit", f"the program's process ended or closed its channel ({exc})") from None
+            self.fault = ChannelClosed("early_exit", f"the program's process ended or closed its channel ({exc})")
         except _wire.FrameTooLarge as exc:
-            raise ProgramFault("output_limit", f"the program answered with {exc}") from None
+            self.fault = ProgramFault("output_limit", f"the program answered with {exc}")
         except _wire.ProtocolError as exc:
-            raise ProgramFault("runtime_error", f"the program broke the test protocol: {exc}") from None
+            self.fault = ProgramFault("runtime_error", f"the program broke the test protocol: {exc}")
+        if self.fault is not None:
+            raise self.fault
         if "error" in reply:
             raise remote_error(reply["error"])
         if "ok" not in reply:
-            raise ProgramFault("runtime_error", "the program broke the test protocol: an answer without a value")
+            self.fault = ProgramFault("runtime_error", "the program broke the test protocol: an answer without a value")
+            raise self.fault
         return reply["ok"]
 
     def value(self, tree: object) -> object:
         try:
             return _wire.decode(tree, self.remote)
         except _wire.ProtocolError as exc:
-            raise ProgramFault("runtime_error", f"the program answered with a value that is not plain: {exc}") from None
+            self.fault = ProgramFault("runtime_error", f"the program answered with a value that is not plain: {exc}")
         except MemoryError:
-            raise ProgramFault("memory_limit", "the program answered with a value too large to hold") from None
+            self.fault = ProgramFault("memory_limit", "the program answered with a value too large to hold")
+        raise self.fault
 
     def remote(self, ref: int, type_name: str) -> "Remote":
         return Remote(self, ref, type_name)
@@ -136,7 +144,7 @@ class Channel:
         return self.value(self.request(message))
 
 
-class TestError(Exception):
+class TestError(BaseException):
     """The trusted side cannot run the test (our failure or the benchmark's, never the program's)."""
 
 
