@@ -219,13 +219,12 @@ def namespace(job: dict, channel: Channel) -> dict:
             if name == job.get("entry_point"):
                 space.pop(name, None)  # a stub from the context must not stand in for a missing function
             continue
-        tree = answer[name]
         if name in sys.stdlib_module_names and name != job.get("entry_point"):
             # A standard module the program imported (or faked: a class named `sys` answering getsizeof):
             # the test gets our own copy, so its expected values never come from the program.
             space[name] = importlib.import_module(name)
         else:
-            space[name] = channel.value(tree[2] if type(tree) is list and tree[:1] == ["M"] else tree)
+            space[name] = channel.value(answer[name])
     return space
 
 

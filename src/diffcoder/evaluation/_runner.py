@@ -48,14 +48,9 @@ class Runner:
         return None
 
     def op_names(self, msg: dict) -> dict:
-        """The program's values of the names the test uses; modules are marked so the checker imports its own."""
-        space, out = self.module.__dict__, {}
-        for name in msg["names"]:
-            if name in space:
-                value = space[name]
-                tree = self.encode(value)
-                out[name] = ["M", value.__name__, tree] if isinstance(value, types.ModuleType) else tree
-        return out
+        """The program's values of the names the test uses (those it defines)."""
+        space = self.module.__dict__
+        return {name: self.encode(space[name]) for name in msg["names"] if name in space}
 
     def op_call(self, msg: dict) -> object:
         fn = self.objects[msg["ref"]]
