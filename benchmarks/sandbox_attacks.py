@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "evaluation"))
 
-from conftest import HostState  # noqa: E402
+from hostcheck import HostState  # noqa: E402
 from test_attacks import ATTACKS, GENUINE, HEAD  # noqa: E402
 
 from diffcoder.evaluation.data import default_data_dir, load_tasks  # noqa: E402

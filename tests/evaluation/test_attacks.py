@@ -123,7 +123,7 @@ def _evaluate(out, model, tokenizer, names: list[str], monkeypatch, rescore: boo
 def runs(tmp_path_factory, model_and_tokenizer):
     """The generated run, then --rescore on it after its raw outputs were shifted by one sample (so every
     record is re-derived from a different answer), each with what it left on the host."""
-    from conftest import HostState
+    from hostcheck import HostState
 
     model, tokenizer = model_and_tokenizer
     out = tmp_path_factory.mktemp("attacks") / "run"

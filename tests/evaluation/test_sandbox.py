@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import processes_of, sandbox_processes
+from hostcheck import processes_of, sandbox_processes
 
 from diffcoder.evaluation import sandbox as sandbox_module
 from diffcoder.evaluation.sandbox import Limits, Program, Sandbox, classify
