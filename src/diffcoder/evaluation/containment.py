@@ -52,6 +52,9 @@ def choose_python(root: bool) -> tuple[str, bool]:
     """(interpreter, uid switch): our own base interpreter (not the venv: no site-packages), or as root a
     system one when ours is not reachable by an unprivileged uid."""
     own = os.path.realpath(sys.executable)
+    base = os.path.join(sys.base_exec_prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}")
+    if sys.prefix != sys.base_prefix and os.path.isfile(base):  # a venv (even one with copied binaries)
+        own = os.path.realpath(base)
     if not root:
         return own, False
     for cand in (own, "/usr/bin/python3", "/usr/local/bin/python3"):
