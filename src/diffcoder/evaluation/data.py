@@ -18,6 +18,7 @@ from diffcoder.evaluation.extract import (
     extract_code,
     trim_incomplete,
 )
+from diffcoder.evaluation.sandbox import Program
 
 BENCHMARKS = ("humaneval", "mbpp")
 MBPP_FILE = "sanitized-mbpp.json"
@@ -49,8 +50,11 @@ class Task:
         so the prompt goes in without trailing whitespace, as is customary, and the completion supplies it."""
         return self.prompt.rstrip()
 
-    def program(self, code: str, style: str) -> str:
-        """The full program that passes iff `code` (a base completion or extracted answer code) is right."""
+    def program(self, code: str, style: str) -> Program:
+        """The program (`code`: a base completion or extracted answer code, made whole) and the trusted test
+        that passes iff it is right. The test runs outside the program's process; HumanEval's prompt is its
+        trusted context, so helpers the test uses (`poly`, `encode_cyclic`...) are the prompt's, not the
+        program's."""
         if self.benchmark == "humaneval":
             if style == "base":
                 solution = self.base_prompt + code
@@ -58,13 +62,16 @@ class Task:
                 solution = self.prompt + code  # an answer that gave only the body continues the prompt
             else:
                 solution = self.solution_prefix + code
-            return f"{solution}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+            return Program(solution, self.humaneval_test(), self.prompt, self.entry_point)
         prefix = self.base_prompt if style == "base" else ""
-        return f"{prefix}{code}\n\n{self.test}\n"
+        return Program(f"{prefix}{code}", self.test, "", self.entry_point)
 
-    def reference_program(self) -> str:
+    def humaneval_test(self) -> str:
+        return f"{self.test}\n\ncheck({self.entry_point})\n"
+
+    def reference_program(self) -> Program:
         if self.benchmark == "humaneval":  # the canonical body continues the original prompt
-            return f"{self.prompt}{self.reference}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+            return Program(self.prompt + self.reference, self.humaneval_test(), self.prompt, self.entry_point)
         return self.program(self.reference, "instruct")
 
     def completion_code(self, raw: str, style: str) -> str:

@@ -50,6 +50,7 @@ class EvalConfig:
     workers: int = 0  # sandbox processes in parallel (0 = one per core)
     timeout_s: float = 10.0
     memory_mb: int = 1024
+    cpu_s: int | None = None  # CPU seconds per test program (default: the timeout rounded up, plus 1)
 
     def identity(self) -> dict:
         d = asdict(self)
@@ -230,7 +231,10 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, p
         tasks = tasks[: cfg.limit]
     _check_run_dir(out, cfg)
     records_path = out / "tasks.jsonl"
-    sandbox = Sandbox(Limits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb))
+    sandbox = Sandbox(Limits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb, cpu_s=cfg.cpu_s))
+    if sandbox.containment.mode != "bwrap":
+        print("warning: the sandbox runs in its fallback mode, without namespaces: "
+              + "; ".join(sandbox.containment.notes), file=sys.stderr)
     if rescore and records_path.is_file():
         rescore_records(records_path, tasks, cfg.prompt_style, sandbox, cfg.workers or os.cpu_count() or 1)
     records = read_records(records_path)

