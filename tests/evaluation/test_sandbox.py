@@ -107,7 +107,8 @@ def test_fork_bomb_is_contained_and_cleaned_up(host):
         done.set()
         watcher.join()
     assert plain.kind == "process_limit" and not plain.passed
-    assert stubborn.kind == "timeout" and not stubborn.passed
+    # Its spinning processes use up the CPU limit first on an idle multi-core machine, the wall clock on a busy one.
+    assert stubborn.kind in ("timeout", "cpu_limit") and not stubborn.passed
     assert 0 < peak["sandboxed"] <= nproc + 2  # the cap held (+2: bwrap's monitor and the namespace's init)
     assert (plain.leftover, stubborn.leftover) == (0, 0)
     assert not processes_of(plain.uid) and not processes_of(stubborn.uid) if sb.uid_switch else True
