@@ -222,9 +222,12 @@ def test_info_verifies_the_manifest_and_rehash_accepts_an_edit(tmp_path, ckpt):
 
 
 def test_threshold_none_overrides_the_checkpoints_threshold(tmp_path):
+    from diffcoder.checkpoint import rehash_checkpoint
+
     ck = write_tiny_checkpoint(tmp_path / "thr")
     gen = json.loads((ck / "generation_config.json").read_text())
     (ck / "generation_config.json").write_text(json.dumps(dict(gen, threshold=0.01)))
+    rehash_checkpoint(ck)  # an edit on purpose: accept it into the manifest
     common = ["generate", "add two numbers", "--model", str(ck), "--max-new-tokens", "12", "--block-length", "4",
               "--stats", "--eos-id", "-1"]
     parallel = json.loads(run(*common).stderr.strip().splitlines()[-1])

@@ -20,7 +20,9 @@ from soak import soak
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 ROUND = 400  # the first round also fills the allocator's pools and caches: it sets the baseline
-MAX_GROWTH_MB = 32
+# The allocator may keep one more arena or pool page after a 6-9 MiB body (seen: +35 MiB once in round 3 on an idle
+# machine); a per-request leak over 800 requests would be far larger (the old server grew 1.6 GB in 50).
+MAX_GROWTH_MB = 64
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc (Linux)")
 

@@ -200,7 +200,7 @@ class Trainer:
     def _init_lora_from(self, adapter_dir: Path) -> None:
         """Start from an earlier LoRA run's adapter: its LoRA matrices, and its token rows (exact from the trainer
         state of a run checkpoint, else what the adapter files hold)."""
-        from diffcoder.training.lora import load_adapter_weights
+        from diffcoder.adapters import load_adapter_weights
 
         try:
             load_adapter_weights(self.model, adapter_dir)
