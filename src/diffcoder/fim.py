@@ -104,11 +104,11 @@ def require_fim_tokens(tokenizer, name: str = "this checkpoint") -> FimTokens:
     """The tokenizer's FIM tokens, or a NoFimTokensError that names the fix (train with a FIM share)."""
     found = find_fim_tokens(tokenizer) if tokenizer is not None else None
     if found is None:
-        known = ", ".join(s[0] for s in FIM_SPELLINGS)
         raise NoFimTokensError(
-            f"{name} has no fill-in-the-middle tokens (none of {known} with its suffix and middle tokens), so it "
-            f"cannot infill; give it some by training with a FIM share: `diffcoder data build CORPUS --out DATA "
-            f"--tokenizer MODEL --fim-rate 0.5`, then `diffcoder train cpt model.path=MODEL data.path=DATA`")
+            f"{name} has no fill-in-the-middle tokens ({'/'.join(FIM_TOKENS)}, or another known spelling such as "
+            f"<fim_prefix>), so it cannot infill; give it some by training with a FIM share: `diffcoder data build "
+            f"CORPUS --out DATA --tokenizer MODEL --fim-rate 0.5`, then `diffcoder train cpt model.path=MODEL "
+            f"data.path=DATA`")
     return found
 
 

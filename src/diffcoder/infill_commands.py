@@ -75,7 +75,8 @@ def cmd_infill(args: argparse.Namespace) -> int:
     prefix, suffix = gap(args)
     model, tokenizer = load_model(args)
     path = model_path(args)
-    fim = require_fim_tokens(tokenizer, str(path) if tokenizer is not None else f"{path} (it has no tokenizer)")
+    name = args.model or "the embedded default (smollm2)"
+    fim = require_fim_tokens(tokenizer, name if tokenizer is not None else f"{name} (it has no tokenizer files)")
     settings = decode_settings(args, model, path, "generate")
     settings, drew = settings.with_seed()
     if drew:  # sampling without --seed: say which, so the output can be repeated
