@@ -10,7 +10,7 @@ import diffcoder
 from diffcoder.decoding import generate
 from diffcoder.errors import DecodingError, DiffcoderError
 from diffcoder.fim import FIM_TOKENS, NoFimTokensError, find_fim_tokens, infill_prompt_ids
-from diffcoder.infilling import infill, infill_settings
+from diffcoder.infilling import infill, infill_batch, infill_settings
 from diffcoder.testing import tiny_fim_tokenizer, tiny_model, tiny_tokenizer
 
 PREFIX = "def add(a, b):\n    "
@@ -160,3 +160,18 @@ def test_sampling_with_a_seed_repeats():
     a = infill(model, tok, PREFIX, SUFFIX, max_new_tokens=16, temperature=1.0, seed=7)
     b = infill(model, tok, PREFIX, SUFFIX, max_new_tokens=16, temperature=1.0, seed=7)
     assert a.middle_ids == b.middle_ids and a.settings.seed == 7
+
+
+def test_a_batch_of_gaps_gives_each_what_it_gets_alone():
+    model, tok = fim_model()
+    gaps = [(PREFIX, SUFFIX), ("x = ", "\n"), ("import os\n\n\ndef main():\n", "\n\nmain()\n")]
+    full = infill(model, tok, *gaps[0], max_new_tokens=24, eos_id=-1)
+    stop = [tok.decode([full.middle_ids[6]])]  # ends the first row early (rows leave the batch at different blocks)
+    batch = infill_batch(model, tok, gaps, max_new_tokens=24, stop=stop)
+    alone = [infill(model, tok, p, s, max_new_tokens=24, stop=stop) for p, s in gaps]
+    assert [(r.middle_ids, r.middle, r.finish_reason) for r in batch] == [
+        (r.middle_ids, r.middle, r.finish_reason) for r in alone]
+    assert batch[0].finish_reason == "stop" and [r.text for r in batch] == [p + r.middle + s for (p, s), r in
+                                                                          zip(gaps, batch)]
+    with pytest.raises(DecodingError, match="no gaps"):
+        infill_batch(model, tok, [])

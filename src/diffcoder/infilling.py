@@ -73,22 +73,26 @@ def end_token_ids(fim: FimTokens, eos_id: int | None) -> set[int]:
 
 
 class _MiddleWatch:
-    """Follows the finished blocks of one row and says when the middle is over (an end token or a stop string),
-    so the decoder drops the row there instead of filling the rest of the canvas."""
+    """Follows the finished blocks of each row and says when its middle is over (an end token or a stop string),
+    so the decoder drops the row there instead of filling the rest of its canvas."""
 
-    def __init__(self, tokenizer, prompt_len: int, ends: set[int], stop: Sequence[str],
+    def __init__(self, tokenizer, n_rows: int, ends: set[int], stop: Sequence[str],
                  forward: Callable[[DecodeEvent], None] | None) -> None:
-        self.tok, self.prompt_len, self.ends, self.stop, self.forward = tokenizer, prompt_len, ends, stop, forward
-        self.ids: list[int] = []
-        self.over = False
+        self.tok, self.ends, self.stop, self.forward = tokenizer, ends, stop, forward
+        self.ids: list[list[int]] = [[] for _ in range(n_rows)]
+        self.over = [False] * n_rows
 
     def __call__(self, ev: DecodeEvent) -> None:
-        if ev.kind == "block" and not self.over:
-            self.ids += [t for p, t in zip(ev.positions, ev.token_ids) if p >= self.prompt_len]
-            if self.ends & set(self.ids) or (self.stop and _first_stop(decode(self.tok, self.ids), self.stop) >= 0):
-                self.over = True
+        r = ev.row
+        if ev.kind == "block" and not self.over[r]:
+            self.ids[r] += ev.token_ids  # a block event carries only generated positions
+            text_done = self.stop and _first_stop(decode(self.tok, self.ids[r]), self.stop) >= 0
+            self.over[r] = bool(self.ends & set(ev.token_ids)) or bool(text_done)
         if self.forward is not None:
             self.forward(ev)
+
+    def cancelled(self, row: int) -> bool:
+        return self.over[row]
 
 
 def decode(tokenizer, ids: list[int]) -> str:
@@ -116,7 +120,6 @@ def cut_middle(tokenizer, ids: list[int], ends: set[int], stop: Sequence[str]) -
     return ids, text, reason
 
 
-@torch.no_grad()
 def infill(model, tokenizer, prefix: str, suffix: str, *, settings: DecodeSettings | None = None,
            stop: Sequence[str] | str | None = None, on_event: Callable[[DecodeEvent], None] | None = None,
            **decoding: Any) -> InfillResult:
@@ -127,24 +130,41 @@ def infill(model, tokenizer, prefix: str, suffix: str, *, settings: DecodeSettin
     `stop`: strings that end the middle (cut before them). `on_event`: the decoder's events, e.g. a
     `commands.DenoisingView` (positions count from the start of the FIM prompt). A checkpoint without FIM tokens
     raises `fim.NoFimTokensError`, which names how to train them in."""
+    return infill_batch(model, tokenizer, [(prefix, suffix)], settings=settings, stop=stop, on_event=on_event,
+                        **decoding)[0]
+
+
+@torch.no_grad()
+def infill_batch(model, tokenizer, gaps: Sequence[tuple[str, str]], *, settings: DecodeSettings | None = None,
+                 stop: Sequence[str] | str | None = None, on_event: Callable[[DecodeEvent], None] | None = None,
+                 **decoding: Any) -> list[InfillResult]:
+    """`infill` for many (prefix, suffix) gaps decoded together in one batch (rows leave it as their middles end).
+
+    Greedy rows get exactly what `infill` gives each alone; sampling rows share one random stream. Each result's
+    `forwards` and `seconds` are the whole batch's; `generated_tokens` its own."""
     fim = require_fim_tokens(tokenizer)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(s == "" for s in stops):
         raise DecodingError("stop strings must not be empty")
+    if not gaps:
+        raise DecodingError("no gaps to fill: give at least one (prefix, suffix) pair")
     settings, _ = infill_settings(model, settings, **decoding).with_seed()
-    prompt = infill_prompt_ids(tokenizer, prefix, suffix, fim)
+    prompts = [infill_prompt_ids(tokenizer, prefix, suffix, fim) for prefix, suffix in gaps]
     eos = settings.eos_id if settings.eos_id is not None else tokenizer.eos_token_id
     ends = end_token_ids(fim, eos)
-    watch = _MiddleWatch(tokenizer, len(prompt), ends, stops, on_event)
+    watch = _MiddleWatch(tokenizer, len(prompts), ends, stops, on_event)
     gen = torch.Generator(device=model.device).manual_seed(settings.seed or 0)
     t0 = time.perf_counter()
-    res = generate(model, [prompt], tokenizer=tokenizer, on_event=watch, cancelled=lambda _row: watch.over,
-                   generator=gen, return_result=True, **{**settings.generate_kwargs(), "eos_id": eos})
+    res = generate(model, prompts, tokenizer=tokenizer, on_event=watch, cancelled=watch.cancelled, generator=gen,
+                   return_result=True, **{**settings.generate_kwargs(), "eos_id": eos})
     seconds = time.perf_counter() - t0
-    ids, middle, reason = cut_middle(tokenizer, res.generated[0].tolist(), ends, stops)
-    return InfillResult(prefix=prefix, middle=middle, suffix=suffix, prompt_ids=prompt, middle_ids=ids,
-                        finish_reason=reason, forwards=res.forwards, generated_tokens=res.generated_tokens,
-                        seconds=seconds, settings=settings, fim=fim)
+    out = []
+    for (prefix, suffix), prompt, generated in zip(gaps, prompts, res.generated):
+        ids, middle, reason = cut_middle(tokenizer, generated.tolist(), ends, stops)
+        out.append(InfillResult(prefix=prefix, middle=middle, suffix=suffix, prompt_ids=prompt, middle_ids=ids,
+                                finish_reason=reason, forwards=res.forwards, generated_tokens=len(generated),
+                                seconds=seconds, settings=settings, fim=fim))
+    return out
 
 
-__all__ = ["infill", "InfillResult", "infill_settings", "end_token_ids", "cut_middle", "decode"]
+__all__ = ["infill", "infill_batch", "InfillResult", "infill_settings", "end_token_ids", "cut_middle", "decode"]
