@@ -95,10 +95,11 @@ def test_missing_files_and_no_input(ckpt, tmp_path, capsys):
     assert "only one of" in capsys.readouterr().err
 
 
-def test_a_checkpoint_without_fim_tokens_names_the_fix(tmp_path):
+def test_a_checkpoint_without_fim_tokens_names_the_fix(tmp_path, capsys):
     plain = write_tiny_checkpoint(tmp_path / "plain")
     f = tmp_path / "f.py"
     f.write_text(FILE)
-    r = run(str(f), "--model", str(plain), "--max-new-tokens", "8")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "no fill-in-the-middle tokens" in r.stderr and "--fim-rate 0.5" in r.stderr
+    assert main(["infill", str(f), "--model", str(plain), "--max-new-tokens", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffcoder: error: {plain} has no fill-in-the-middle tokens") and err.count("\n") == 1
+    assert "--fim-rate 0.5" in err and "diffcoder train" in err
