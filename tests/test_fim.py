@@ -10,6 +10,7 @@ import pytest
 from diffcoder.fim import (
     FIM_SPELLINGS,
     FIM_TOKENS,
+    FimTokens,
     ensure_fim_tokens,
     fim_ids,
     fim_prompt_ids,
@@ -105,3 +106,19 @@ def test_token_round_trip():
         pi, mi, si = split_fim_ids(ids, fim)
         decoded = [tok.decode(x, clean_up_tokenization_spaces=False) for x in (pi, mi, si)]
         assert decoded == [p, m, s] and "".join(decoded) == text
+
+
+def test_seed_coder_spelling_is_suffix_first_in_data_and_prompts():
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<[fim-prefix]>", "<[fim-suffix]>", "<[fim-middle]>"], special_tokens=True)
+    fim = find_fim_tokens(tok)
+    assert fim.order == "spm" and fim.ids == (384, 385, 386)
+    ids = fim_ids([10, 11], [20], [30, 31, 32], fim)
+    assert ids == [385, 30, 31, 32, 384, 10, 11, 386, 20]  # <suffix> suffix <prefix> prefix <middle> middle
+    assert split_fim_ids(ids, fim) == ([10, 11], [20], [30, 31, 32])
+    with pytest.raises(ValueError, match="not a SPM"):
+        split_fim_ids([384, 10, 385, 386], fim)
+    assert FimTokens.from_dict(fim.to_dict()) == fim
+    # an index written before order/end_ids existed reads back as PSM
+    old = {k: v for k, v in fim.to_dict().items() if k not in ("order", "end_ids")}
+    assert FimTokens.from_dict(old).order == "psm"

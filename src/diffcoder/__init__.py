@@ -66,4 +66,12 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     return load_hf_dir(path, dtype, device)
 
 
-__all__ = ["load", "resolve_dtype", "__version__"]
+def infill(model, tokenizer, prefix: str, suffix: str, **decoding):
+    """Fill the gap between `prefix` and `suffix` with the checkpoint's FIM tokens; returns an
+    `infilling.InfillResult` whose `text` is `prefix + middle + suffix` (see `diffcoder.infilling.infill`)."""
+    from diffcoder.infilling import infill as _infill
+
+    return _infill(model, tokenizer, prefix, suffix, **decoding)
+
+
+__all__ = ["load", "infill", "resolve_dtype", "__version__"]

@@ -17,6 +17,7 @@ from diffcoder.errors import DiffcoderError
 # Modules that add subcommands; each defines register(subparsers: argparse._SubParsersAction) -> None.
 COMMAND_MODULES = [
     "diffcoder.commands",  # generate, convert, info, pull, demo
+    "diffcoder.infill_commands",  # infill
     "diffcoder.training.commands",  # data, train, plot, merge
     "diffcoder.evaluation.commands",  # eval, compare
     "diffcoder.serving.commands",  # serve

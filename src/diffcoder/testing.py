@@ -90,3 +90,31 @@ def write_tiny_checkpoint(path: str | Path, seed: int = 0, with_tokenizer: bool 
         overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
     model = tiny_model(seed=seed, std=overrides.pop("std", 0.5), **overrides)
     return save_checkpoint(model, path, tokenizer=tokenizer)
+
+
+def tiny_fim_tokenizer(names: tuple[str, ...] | None = None, extra: tuple[str, ...] = (), bos: bool = False):
+    """`tiny_tokenizer` plus FIM tokens (ours unless `names` gives another spelling) and `extra` special tokens
+    (e.g. an end-of-middle token), appended in that order. bos=True: it puts its BOS before text, as Llama's do."""
+    from tokenizers import processors
+
+    from diffcoder.fim import FIM_TOKENS
+
+    tok = tiny_tokenizer()
+    tok.add_tokens(list(names or FIM_TOKENS) + list(extra), special_tokens=True)
+    if bos:
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    return tok
+
+
+def write_tiny_fim_checkpoint(path: str | Path, seed: int = 0, names: tuple[str, ...] | None = None,
+                              extra: tuple[str, ...] = (), **overrides) -> Path:
+    """A real checkpoint directory of a random tiny model whose tokenizer has FIM tokens (see tiny_fim_tokenizer)."""
+    from diffcoder.checkpoint import save_checkpoint
+
+    tokenizer = tiny_fim_tokenizer(names, extra)
+    overrides.setdefault("vocab_size", len(tokenizer))
+    overrides.setdefault("mask_token_id", tokenizer.mask_token_id)
+    overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
+    model = tiny_model(seed=seed, std=overrides.pop("std", 0.5), **overrides)
+    return save_checkpoint(model, path, tokenizer=tokenizer)

@@ -10,6 +10,10 @@ from pathlib import Path
 from diffcoder.decoding import generate
 
 CONTEXT = 4096  # long enough that a request can outlive a client (disconnect test)
+# The gap the infilling tests fill, and the end-of-middle token their checkpoint has (see conftest.fim_checkpoint).
+FIM_PREFIX = "def add(a, b):\n    "
+FIM_SUFFIX = "\n\nprint(add(1, 2))\n"
+FIM_PAD = "<|fim_pad|>"
 
 
 def free_port() -> int:

@@ -100,3 +100,49 @@ def test_playground_highlighter_and_errors(page, server):
     page.click("#generate")
     page.wait_for_selector("body[data-state=error]", timeout=20000)
     assert "context" in page.inner_text("#error")
+
+
+def test_playground_infill_mode(page, fim_server, server, tmp_path):
+    """Infill mode sends prefix and suffix to /v1/completions; the canvas shows the middle filling in between the
+    prefix and the suffix, and the answer is prefix + middle + suffix."""
+    from serving_helpers import FIM_PREFIX, FIM_SUFFIX
+
+    page.goto(fim_server.base + "/")
+    page.wait_for_selector("body[data-state=ready]", timeout=20000)
+    assert not page.evaluate("document.querySelector('#mode option[value=infill]').disabled")
+    page.select_option("#mode", "infill")
+    assert page.is_visible("#prefix") and page.is_visible("#suffix") and not page.is_visible("#prompt")
+    page.fill("#prefix", FIM_PREFIX)
+    page.fill("#suffix", FIM_SUFFIX)
+    page.fill("#max_tokens", "24")
+    page.evaluate("""() => { window.__counts = [];
+        new MutationObserver(() => window.__counts.push(
+            document.querySelectorAll('#canvas .slot.committed').length))
+          .observe(document.getElementById('canvas'), {childList: true}); }""")
+    page.click("#generate")
+    page.wait_for_selector("body[data-state=done]", timeout=60000)
+
+    api = httpx.post(fim_server.base + "/v1/completions", timeout=60, json={
+        "model": fim_server.model_name, "prompt": FIM_PREFIX, "suffix": FIM_SUFFIX, "max_tokens": 24}).json()
+    middle = api["choices"][0]["text"]
+    counts = page.evaluate("window.__counts")
+    assert len(set(counts)) > 3 and counts == sorted(counts), counts  # the middle filled in over several steps
+    # the canvas: the prefix, then the slots, then the suffix
+    kinds = page.evaluate("""() => [...document.getElementById('canvas').children].map(
+        (e) => e.classList.contains('context') ? e.classList[1] : 'slot')""")
+    assert kinds[0] == "prefix" and kinds[-1] == "suffix" and set(kinds[1:-1]) == {"slot"}
+    assert page.evaluate("document.querySelector('#canvas .context.prefix').textContent") == FIM_PREFIX
+    assert page.evaluate("document.querySelector('#canvas .context.suffix').textContent") == FIM_SUFFIX
+    n_middle = api["usage"]["completion_tokens"]
+    assert n_middle > 4 and len(page.query_selector_all("#canvas .slot.committed")) >= n_middle
+    # the answer: the whole file, the middle marked
+    assert page.evaluate("document.getElementById('final').textContent") == FIM_PREFIX + middle + FIM_SUFFIX
+    assert page.evaluate("document.querySelector('#final .middle').textContent") == middle
+    shot = Path(os.environ.get("DIFFCODER_SCREENSHOT_DIR", tmp_path)) / "playground-infill.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a model without FIM tokens offers no infill mode
+    page.goto(server.base + "/")
+    page.wait_for_selector("body[data-state=ready]", timeout=20000)
+    assert page.evaluate("document.querySelector('#mode option[value=infill]').disabled")

@@ -2,7 +2,8 @@
 
 A request is read and checked (`parsing`), its prompts are tokenized on a small thread pool (`prompts`), its
 rows are queued on the `Engine`, and its answer is relayed from the worker thread (`responses`). The model
-never runs on the event loop, and every error is answered in the OpenAI error shape.
+never runs on the event loop, and every error is answered in the OpenAI error shape. A completions request with
+`suffix` is infilling: its prompt is laid out with the checkpoint's FIM tokens and the answer is the middle.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from diffcoder.fim import FimTokens
 from diffcoder.serving.engine import Engine, EngineDown, QueueFull, Row
 from diffcoder.serving.metrics import CONTENT_TYPE
 from diffcoder.serving.parsing import parse_request, read_body
@@ -31,6 +33,20 @@ from diffcoder.serving.tokens import TokenText
 log = logging.getLogger("diffcoder.serving")
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 SUPERVISE_EVERY_S = 0.1
+
+
+class InfillRow(Row):
+    """A row of an infilling request: the checkpoint's end-of-middle tokens (`FimTokens.end_ids`, e.g.
+    `<|fim_pad|>`) end the middle as EOS does."""
+
+    def __init__(self, *args: Any, end_ids: tuple[int, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.end_ids = frozenset(end_ids)
+        if self.eos_id is None and self.end_ids:
+            self.eos_id = min(self.end_ids)
+
+    def on_block(self, token_ids: list[int], positions: list[int]) -> None:
+        super().on_block([self.eos_id if t in self.end_ids else t for t in token_ids], positions)
 
 
 class Service:
@@ -72,10 +88,11 @@ class Service:
         if n_rows > self.engine.max_queue:
             raise APIError(400, f"this request needs {n_rows} rows but the queue holds {self.engine.max_queue}; "
                                 f"send fewer prompts or a smaller n", param="n")
+        fim = self.prompts.infill_tokens(req)  # before tokenizing: a model without FIM tokens is refused at once
         loop = asyncio.get_running_loop()
         prompts = await loop.run_in_executor(self.pool, self.prompts.build, req)
         queue: asyncio.Queue = asyncio.Queue()
-        rows = self._rows(req, prompts, stops, queue, loop)
+        rows = self._rows(req, prompts, stops, queue, loop, fim)
         self._submit(rows)
         return Job(req, rows, queue, self.engine, self.metrics, self.tokens, self.model_name, request.url.path, t0,
                    prompt_tokens=sum(len(p) for p in prompts))
@@ -86,7 +103,8 @@ class Service:
             return 1
         return 1 if req.prompt and isinstance(req.prompt[0], int) else len(req.prompt)
 
-    def _rows(self, req, prompts: list[list[int]], stops: list[str], queue: asyncio.Queue, loop) -> list[Row]:
+    def _rows(self, req, prompts: list[list[int]], stops: list[str], queue: asyncio.Queue, loop,
+              fim: FimTokens | None = None) -> list[Row]:
         def sink_for(i: int):
             def sink(kind: str, payload: Any) -> None:
                 try:
@@ -96,12 +114,14 @@ class Service:
             return sink
 
         rows = []
+        kind, extra = (Row, {}) if fim is None else (InfillRow, {"end_ids": fim.end_ids})
         for pi, ids in enumerate(prompts):
             settings, max_tokens = resolve_settings(req, self.defaults, len(ids), self.context, self.config.block_size)
             for j in range(req.n):
-                rows.append(Row(ids, settings, max_tokens, stops, sink_for(pi * req.n + j), self.engine.tokenizer,
-                                self.engine.eos_id, events=req.diffusion_events and req.stream,
-                                seed=None if req.seed is None else req.seed + j, logprobs=req.top_logprobs_wanted))
+                rows.append(kind(ids, settings, max_tokens, stops, sink_for(pi * req.n + j), self.engine.tokenizer,
+                                 self.engine.eos_id, events=req.diffusion_events and req.stream,
+                                 seed=None if req.seed is None else req.seed + j, logprobs=req.top_logprobs_wanted,
+                                 **extra))
         return rows
 
     def _submit(self, rows: list[Row]) -> None:
@@ -136,6 +156,7 @@ class Service:
         tok, mask = self.engine.tokenizer, self.engine.mask_id
         return {"model": self.model_name, "max_model_len": self.context, "defaults": d,
                 "chat": self.prompts.has_chat_template,
+                "infill": self.prompts.fim.to_dict() if self.prompts.fim is not None else None,
                 "mask_token": tok.convert_ids_to_tokens(mask if mask is not None else self.config.mask_token_id)}
 
 

@@ -97,6 +97,13 @@ def _check_sizes(body: dict[str, Any], chat: bool, max_rows: int, context: int) 
                            param="prompt", code="context_length_exceeded")
 
 
+def _refuse_chat_suffix(body: dict[str, Any]) -> None:
+    if body.get("suffix") not in (None, ""):
+        raise APIError(400, "suffix (fill-in-the-middle) works on /v1/completions only: send the code before the gap "
+                            "as prompt and the code after it as suffix there", param="suffix",
+                       code="unsupported_parameter")
+
+
 def _validate(cls: type[CompletionRequest] | type[ChatRequest], body: dict[str, Any]):
     try:
         return cls.model_validate(body)
@@ -123,10 +130,13 @@ def _texts(req: CompletionRequest | ChatRequest) -> list[tuple[str, str]]:
                 out += [(f"messages[{i}].content[{j}].text", p.text) for j, p in enumerate(m.content)]
             elif m.content:
                 out.append((f"messages[{i}].content", m.content))
-    elif isinstance(req.prompt, str):
-        out.append(("prompt", req.prompt))
     else:
-        out += [(f"prompt[{i}]", p) for i, p in enumerate(req.prompt) if isinstance(p, str)]
+        if isinstance(req.prompt, str):
+            out.append(("prompt", req.prompt))
+        else:
+            out += [(f"prompt[{i}]", p) for i, p in enumerate(req.prompt) if isinstance(p, str)]
+        if req.suffix:
+            out.append(("suffix", req.suffix))
     return out
 
 
@@ -142,6 +152,8 @@ def parse_request(raw: bytes, chat: bool, max_rows: int, context: int) -> Comple
     """The typed request from a raw body, or an APIError naming the first problem."""
     body = load_json(raw)
     refuse_not_implemented(body)
+    if chat:
+        _refuse_chat_suffix(body)
     _check_sizes(body, chat, max_rows, context)
     req = _validate(ChatRequest if chat else CompletionRequest, body)
     if isinstance(req, ChatRequest) and req.top_logprobs and not req.logprobs:

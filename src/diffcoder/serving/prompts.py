@@ -1,4 +1,5 @@
-"""Prompt token ids from a request: the chat template or the raw prompt(s), tokenized and checked.
+"""Prompt token ids from a request: the chat template, the raw prompt(s), or with `suffix` the fill-in-the-middle
+prompt (`fim.infill_prompt_ids`: the prompt is the text before the gap), tokenized and checked.
 
 `PromptBuilder.build` is plain blocking code: the app runs it on a small thread pool, never on the event loop.
 A text far too long for the context is refused by its length alone, before the tokenizer sees it: no token
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffcoder.fim import FimTokens, find_fim_tokens, infill_prompt_ids, require_fim_tokens
 from diffcoder.serving.schemas import APIError, ChatRequest, CompletionRequest
 
 
@@ -19,6 +21,19 @@ class PromptBuilder:
         self.context = context
         longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
         self.max_chars = 2 * max(1, longest) * context
+        self.fim = find_fim_tokens(tokenizer)  # None: this checkpoint cannot infill
+
+    def infill_tokens(self, req: CompletionRequest | ChatRequest) -> FimTokens | None:
+        """The FIM tokens to lay out an infilling request with; None for a plain request. An empty suffix on a
+        checkpoint without FIM tokens asks for nothing to follow the answer: plain completion."""
+        if isinstance(req, ChatRequest) or req.suffix is None or (req.suffix == "" and self.fim is None):
+            return None
+        if self.fim is None:
+            try:
+                require_fim_tokens(self.tokenizer, "this model")
+            except Exception as exc:
+                raise APIError(400, f"suffix: {exc}", param="suffix", code="unsupported_parameter") from None
+        return self.fim
 
     @property
     def has_chat_template(self) -> bool:
@@ -59,6 +74,10 @@ class PromptBuilder:
         for t in items:
             if isinstance(t, str):
                 self._fits(len(t), "prompt")
+        fim = self.infill_tokens(req)
+        if fim is not None:
+            self._fits(len(req.suffix), "suffix")
+            return [self._ids(infill_prompt_ids(self.tokenizer, t, req.suffix, fim), "prompt") for t in items]
         return [self._ids(self.tokenizer(t)["input_ids"] if isinstance(t, str) else list(t), "prompt")
                 for t in items]
 

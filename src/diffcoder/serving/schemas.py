@@ -45,7 +45,6 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "frequency_penalty": ((None, 0, 0.0), "penalties are not implemented"),
     "repetition_penalty": ((None, 1, 1.0), "penalties are not implemented"),
     "best_of": ((None, 1), "best_of is not implemented; use n"),
-    "suffix": ((None, ""), "suffix (insertion) is not implemented on this endpoint"),
     "echo": ((None, False), "echo is not implemented"),
     "audio": ((None,), "audio output is not implemented"),
     "modalities": ((None, ["text"]), "only text output is implemented"),
@@ -83,6 +82,7 @@ class DiffusionFields(BaseModel):
 
 class CompletionRequest(DiffusionFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None  # fill-in-the-middle: the text after the gap (the prompt is the text before it)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # k: the token's and k alternatives
 
     @property
