@@ -21,34 +21,52 @@ DEMO_REQUEST = "Write a Python function that checks whether a string is a palind
 
 
 def add_decoding_flags(p: argparse.ArgumentParser, command: str = "generate", seed_default: int | None = None,
-                       eos_flag: bool = True) -> None:
-    """Decoding flags shared by generate, demo and eval. An unset flag takes the checkpoint's value
-    (generation_config.json, then config.json), else the built-in default shown (diffcoder.settings)."""
+                       eos_flag: bool = True, gen_length_flag: bool = True) -> None:
+    """The decoding flags, spelled the same in generate, demo, infill, eval and serve (where they are the
+    defaults of requests that give none). An unset flag takes the checkpoint's value (generation_config.json,
+    then config.json), else the built-in default shown (diffcoder.settings)."""
     from diffcoder.settings import DEFAULT_MAX_NEW_TOKENS, REMASKING, DecodeSettings
 
     d = DecodeSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS[command])
-    g = p.add_argument_group("decoding (unset: the checkpoint's generation_config.json, else the default shown)")
-    g.add_argument("--steps", type=int, help="denoising steps in total, a multiple of the number of blocks "
-                                             "(default: one token per step)")
-    g.add_argument("--gen-length", type=int, help="tokens to generate, a multiple of --block-length")
+    title = "decoding (unset: the checkpoint's generation_config.json, else the default shown)"
+    if command == "serve":
+        title = "decoding defaults for requests that give none (unset: the checkpoint's, else the default shown)"
+    g = p.add_argument_group(title)
     g.add_argument("--max-new-tokens", type=int,
-                   help=f"like --gen-length, rounded up to whole blocks, trimmed (default: {d.max_new_tokens})")
+                   help=f"tokens to generate at most; the canvas is rounded up to whole blocks and the answer "
+                        f"trimmed (default: {d.max_new_tokens})")
+    g.add_argument("--max-tokens", dest="max_new_tokens", type=int, help=argparse.SUPPRESS)  # the old serve spelling
+    if gen_length_flag:
+        g.add_argument("--gen-length", type=int, help="the exact canvas length, a multiple of --block-length "
+                                                      "(instead of --max-new-tokens)")
+    g.add_argument("--steps", type=int, help="denoising steps in total, a multiple of the number of blocks "
+                                             "(default: the checkpoint's steps per block, else one token per step)")
+    g.add_argument("--steps-per-block", type=int,
+                   help="denoising steps per block, 1 to --block-length (instead of --steps; default: as --steps)")
     g.add_argument("--block-length", type=int, help=f"block size B (default: the checkpoint's, else {d.block_length})")
-    g.add_argument("--temperature", type=float, help=f"0 = greedy (default: {d.temperature})")
-    g.add_argument("--remasking", choices=REMASKING, help=f"which slots commit first (default: {d.remasking})")
     g.add_argument("--threshold", type=threshold_value,
                    help="commit every slot with confidence >= this, in (0, 1] (parallel decoding); 'none': a fixed "
                         "number of commits per step (--steps), overriding the checkpoint's threshold "
                         "(default: the checkpoint's, else none)")
+    g.add_argument("--temperature", type=float, help=f"0 = greedy (default: {d.temperature})")
+    g.add_argument("--top-k", type=int, help="at temperature > 0, draw only from the k likeliest tokens "
+                                             "(default: 0, off)")
+    g.add_argument("--top-p", type=float, help="at temperature > 0, draw only from the likeliest tokens holding this "
+                                               "much probability, in (0, 1] (default: 1.0, off)")
+    g.add_argument("--remasking", choices=REMASKING,
+                   help=f"which slots commit first (default: {d.remasking})")
     g.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
                    help=f"logits at i-1 predict token i (Dream style / AR head; default: the checkpoint's, else "
                         f"{d.shift})")
     if eos_flag:
         g.add_argument("--eos-id", type=int, help="stop token id (-1: never stop early; default: the tokenizer's)")
-    g.add_argument("--seed", type=int, default=seed_default,
-                   help="random seed for sampling (default: "
-                        + (f"{seed_default})" if seed_default is not None else
-                           "a fresh one when sampling, printed so the run can be repeated)"))
+    if command == "serve":
+        seed_help = "seed of requests that give none (n > 1: seed + i; default: a fresh one per batch)"
+    elif seed_default is not None:
+        seed_help = f"random seed for sampling (default: {seed_default})"
+    else:
+        seed_help = "random seed for sampling (default: a fresh one when sampling, printed so the run can be repeated)"
+    g.add_argument("--seed", type=int, default=seed_default, help=seed_help)
 
 
 def threshold_value(text: str) -> float | str:
@@ -61,10 +79,10 @@ def threshold_value(text: str) -> float | str:
 
 
 def user_decoding_values(args: argparse.Namespace) -> dict:
-    """The decoding values given on the command line (None: not given)."""
-    from diffcoder.settings import DecodeSettings
+    """The decoding values given on the command line (None: not given), keyed as DecodeSettings.resolve takes them."""
+    from diffcoder.settings import KEYS
 
-    return {k: getattr(args, k, None) for k in DecodeSettings.__dataclass_fields__}
+    return {k: getattr(args, k, None) for k in KEYS}
 
 
 def decode_settings(args: argparse.Namespace, model, path: Path, command: str = "generate") -> DecodeSettings:

@@ -20,14 +20,18 @@ def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: s
               served_name: str | None = None, mask_id: int | None = None, overrides: dict | None = None,
               batch_wait: float = 0.02, device: str = "cpu", max_body_bytes: int | None = None,
               on_fatal=None, max_restarts: int = 3):
-    """Load a checkpoint, check the decoding defaults against it, and return (app, engine) ready for uvicorn."""
+    """Load a checkpoint, check the decoding defaults against it, and return (app, engine) ready for uvicorn.
+
+    `overrides`: decoding values from the command line (DecodeSettings keys, None: not given), over the
+    checkpoint's defaults."""
     from pathlib import Path
 
-    import diffcoder
+    from diffcoder import load  # (moves to diffcoder.loading)
+    from diffcoder.checkpoint import read_generation_defaults
     from diffcoder.errors import ConfigError
-    from diffcoder.serving.schemas import check_defaults
+    from diffcoder.serving.schemas import server_defaults
 
-    model, tokenizer = diffcoder.load(model_path, dtype=dtype, device=device)
+    model, tokenizer = load(model_path, dtype=dtype, device=device)
     if tokenizer is None:
         raise ConfigError(f"{model_path} has no tokenizer files; the server needs one to read prompts "
                           f"(save the checkpoint with its tokenizer)")
@@ -36,9 +40,10 @@ def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: s
                           f"`diffcoder convert` on it first, or pass --mask-id with an unused token id")
     if mask_id is not None and not 0 <= mask_id < model.config.vocab_size:
         raise ConfigError(f"--mask-id {mask_id} is outside the vocabulary (0..{model.config.vocab_size - 1})")
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    defaults = {**(getattr(model, "generation_defaults", {}) or {}), **given}
-    check_defaults(defaults, given, model.config.max_position_embeddings, model.config.block_size)
+    checkpoint = read_generation_defaults(model_path)
+    checkpoint.setdefault("block_length", model.config.block_size)
+    checkpoint.setdefault("shift", model.config.shift)
+    defaults = server_defaults(checkpoint, overrides or {}, model.config.max_position_embeddings)
     from diffcoder.serving.app import create_app
     from diffcoder.serving.engine import Engine
 
