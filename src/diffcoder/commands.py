@@ -345,10 +345,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("convert", help="AR checkpoint (GGUF or HF) -> diffusion-ready HF directory")
-    p.add_argument("source")
-    p.add_argument("target")
-    p.add_argument("--block-length", "--block-size", dest="block_size", type=int, default=4,
+    p.add_argument("source", help="an AR checkpoint: an HF directory or a .gguf file")
+    p.add_argument("target", help="the directory to write")
+    p.add_argument("--block-length", dest="block_size", metavar="BLOCK_LENGTH", type=int, default=4,
                    help="block size B that diffusion training will target (default: 4)")
+    p.add_argument("--block-size", dest="block_size", type=int, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=False,
                    help="train with logits at i-1 predicting token i (default: off)")
     p.add_argument("--dtype", default="float32", help="(default: float32)")

@@ -36,10 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=float, default=8.0,
                    help="largest request body in MiB; larger ones get 413 (default 8)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float64")
-    p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1, ...; default: cpu)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     p.add_argument("--mask-id", type=int, default=None,
-                   help="mask token id for a checkpoint without one (an unused id; for experiments only)")
+                   help="mask token id for a checkpoint without one (an unused id; for experiments only; default: the "
+                        "checkpoint's)")
     p.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     add_decoding_flags(p, "serve", eos_flag=False, gen_length_flag=False)
     p.set_defaults(func=run)
