@@ -15,6 +15,7 @@ import torch
 from diffcoder.errors import DiffcoderError
 
 if TYPE_CHECKING:
+    from diffcoder.checkpoint import Loaded
     from diffcoder.settings import DecodeSettings
 
 DEMO_REQUEST = "Write a Python function that checks whether a string is a palindrome."
@@ -85,15 +86,13 @@ def user_decoding_values(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k, None) for k in KEYS}
 
 
-def decode_settings(args: argparse.Namespace, model, path: Path, command: str = "generate") -> DecodeSettings:
-    """The run's DecodeSettings: command-line values over the checkpoint's defaults, validated once."""
-    from diffcoder.checkpoint import read_generation_defaults
+def decode_settings(args: argparse.Namespace, loaded: Loaded, command: str = "generate") -> DecodeSettings:
+    """The run's DecodeSettings: command-line values over the checkpoint's defaults (`loaded.defaults`),
+    validated once."""
     from diffcoder.errors import DecodingError
     from diffcoder.settings import DecodeSettings
 
-    defaults = read_generation_defaults(path)
-    defaults.setdefault("block_length", model.config.block_size)
-    defaults.setdefault("shift", model.config.shift)
+    defaults, model, path = loaded.defaults, loaded.model, loaded.path
     if getattr(args, "ar", False):
         extra = ["--show-denoising"] if getattr(args, "show_denoising", False) else []
         return DecodeSettings.resolve_ar(user_decoding_values(args), defaults, command, extra_flags=extra)
@@ -137,23 +136,24 @@ def check_device(name: str) -> str:
 
 def model_path(args: argparse.Namespace) -> Path:
     """The checkpoint path that --model names (None: the embedded default)."""
-    from diffcoder.pull import resolve_model
+    from diffcoder.loading import resolve_model
 
     return resolve_model(model_argument(args))
 
 
 def model_argument(args: argparse.Namespace) -> str | None:
     """--model, or with --ar and no --model the AR origin: AR decoding of the AR weights is the baseline."""
-    from diffcoder.pull import AR_NAME
+    from diffcoder.registry import AR_NAME
 
     return args.model or (AR_NAME if getattr(args, "ar", False) else None)
 
 
-def load_model(args: argparse.Namespace):
-    from diffcoder import load
+def load_model(args: argparse.Namespace) -> Loaded:
+    """What --model names, loaded on --device: `model, tokenizer = load_model(args)`, with `.defaults`."""
+    from diffcoder.loading import load
 
     check_device(args.device)
-    return load(model_path(args), dtype=args.dtype, device=args.device)
+    return load(model_argument(args), dtype=args.dtype, device=args.device)
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
@@ -251,8 +251,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise DiffcoderError("empty prompt: pass it as an argument or on stdin")
-    model, tokenizer = load_model(args)
-    settings = decode_settings(args, model, model_path(args), "generate")
+    loaded = load_model(args)
+    model, tokenizer = loaded
+    settings = decode_settings(args, loaded, "generate")
     text, stats = run_generation(model, tokenizer, prompt, args, args.show_denoising, settings)
     print(text)
     if args.stats:
@@ -262,24 +263,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from diffcoder.convert import convert_checkpoint
+    from diffcoder.loading import resolve_model
     from diffcoder.outputs import check_output_dir
 
     check_output_dir(args.target, args.force, "replace it whole with the converted checkpoint")
-    out = convert_checkpoint(args.source, args.target, block_size=args.block_size, shift=args.shift, dtype=args.dtype)
+    out = convert_checkpoint(resolve_model(args.source), args.target, block_size=args.block_size, shift=args.shift, dtype=args.dtype)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from diffcoder import load, resolve_run_dir
-    from diffcoder.checkpoint import read_generation_defaults, rehash_checkpoint
+    from diffcoder.checkpoint import rehash_checkpoint
+    from diffcoder.loading import load
     from diffcoder.manifest import MANIFEST
 
     path = model_path(args)
     if args.rehash:
-        print(f"accepted the files as they are: wrote {rehash_checkpoint(resolve_run_dir(path))}", file=sys.stderr)
-    model, tokenizer = load(path)  # checks the manifest, if the checkpoint has one
-    has_manifest = path.is_dir() and (resolve_run_dir(path) / MANIFEST).is_file()
+        print(f"accepted the files as they are: wrote {rehash_checkpoint(path)}", file=sys.stderr)
+    loaded = load(path)  # checks the manifest, if the checkpoint has one
+    model, tokenizer = loaded
+    has_manifest = path.is_dir() and (path / MANIFEST).is_file()
     cfg = model.config
     info = {
         "path": str(path),
@@ -296,7 +299,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "shift": cfg.shift,
         "eos_token_id": cfg.eos_token_id,
         "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
-        "generation_defaults": read_generation_defaults(path),
+        "generation_defaults": loaded.defaults,
         "manifest": "verified (every file matches its saved size and sha256)" if has_manifest else "none",
     }
     if args.json:
@@ -315,8 +318,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args)
-    settings = decode_settings(args, model, model_path(args), "demo")
+    loaded = load_model(args)
+    model, tokenizer = loaded
+    settings = decode_settings(args, loaded, "demo")
     print(f"request: {args.request}\n", file=sys.stderr)
     if args.ar:
         print("decoding autoregressively (causal attention, one token per forward): the AR origin\n",

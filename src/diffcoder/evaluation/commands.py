@@ -92,8 +92,8 @@ def _is_eval_run(path: Path) -> bool:
 def run_benchmark(args: argparse.Namespace) -> int:
     from diffcoder.commands import check_device, model_argument
     from diffcoder.evaluation.harness import EvalConfig, format_summary, run_eval
+    from diffcoder.loading import resolve_model
     from diffcoder.outputs import check_output_dir
-    from diffcoder.pull import resolve_model
 
     if args.samples > 1 and not args.temperature:
         print("note: --samples > 1 at temperature 0 repeats the same greedy answer", file=sys.stderr)

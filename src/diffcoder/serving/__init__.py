@@ -26,12 +26,12 @@ def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: s
     checkpoint's defaults."""
     from pathlib import Path
 
-    from diffcoder import load  # (moves to diffcoder.loading)
-    from diffcoder.checkpoint import read_generation_defaults
     from diffcoder.errors import ConfigError
+    from diffcoder.loading import load
     from diffcoder.serving.schemas import server_defaults
 
-    model, tokenizer = load(model_path, dtype=dtype, device=device)
+    loaded = load(model_path, dtype=dtype, device=device)
+    model, tokenizer = loaded
     if tokenizer is None:
         raise ConfigError(f"{model_path} has no tokenizer files; the server needs one to read prompts "
                           f"(save the checkpoint with its tokenizer)")
@@ -40,10 +40,7 @@ def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: s
                           f"`diffcoder convert` on it first, or pass --mask-id with an unused token id")
     if mask_id is not None and not 0 <= mask_id < model.config.vocab_size:
         raise ConfigError(f"--mask-id {mask_id} is outside the vocabulary (0..{model.config.vocab_size - 1})")
-    checkpoint = read_generation_defaults(model_path)
-    checkpoint.setdefault("block_length", model.config.block_size)
-    checkpoint.setdefault("shift", model.config.shift)
-    defaults = server_defaults(checkpoint, overrides or {}, model.config.max_position_embeddings)
+    defaults = server_defaults(loaded.defaults, overrides or {}, model.config.max_position_embeddings)
     from diffcoder.serving.app import create_app
     from diffcoder.serving.engine import Engine
 

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from diffcoder.commands import user_decoding_values
-    from diffcoder.pull import resolve_model
+    from diffcoder.loading import resolve_model
     from diffcoder.serving import build_app
 
     check_flags(args)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from diffcoder import manifest
+import diffcoder.manifest as manifest
 from diffcoder.errors import CheckpointError
 
 STATE_FILE = "trainer_state.pt"

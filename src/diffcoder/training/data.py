@@ -164,20 +164,12 @@ def tokenizer_fingerprint(tokenizer, vocab_size: int | None = None) -> str:
 
 
 def load_tokenizer(spec: str):
-    """A tokenizer from a checkpoint directory, a .gguf file, or 'default' (the embedded default model)."""
-    from diffcoder.training.modelio import resolve_model_path
+    """The tokenizer of what `spec` names (`diffcoder.loading.resolve_model`: a built-in name, a checkpoint, adapter
+    or run directory, a .gguf file); an error when it has none."""
+    from diffcoder.checkpoint import load_tokenizer as load_checkpoint_tokenizer
+    from diffcoder.loading import resolve_model
 
-    path = resolve_model_path(spec)
-    if path.suffix == ".gguf":
-        from diffcoder.gguf_io import load_gguf_tokenizer
-
-        return load_gguf_tokenizer(path)
-    from diffcoder.checkpoint import load_tokenizer as load_dir_tokenizer
-
-    tok = load_dir_tokenizer(path)
-    if tok is None:
-        raise DiffcoderError(f"{path} has no tokenizer files; pass --tokenizer with a checkpoint that has one")
-    return tok
+    return load_checkpoint_tokenizer(resolve_model(spec), required=True)
 
 
 def is_held_out(digest: str, val_fraction: float) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffcoder import resolve_dtype
+from diffcoder.checkpoint import resolve_dtype
 from diffcoder.errors import CheckpointError, ConfigError, DiffcoderError
 from diffcoder.training import ckpt as ckptlib
 from diffcoder.training.config import TrainConfig, validate
@@ -126,11 +126,14 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _build_model(self) -> None:
-        from diffcoder.training.modelio import load_start_model, resolve_model_path
+        from diffcoder.loading import resolve_model
+        from diffcoder.training.modelio import load_start_model
 
         c = self.cfg
-        self.base_path = resolve_model_path(c.model.path)
-        model, tok = load_start_model(str(self.base_path), dtype=resolve_dtype(c.model.dtype), device="cpu")
+        self.base_path = resolve_model(c.model.path)
+        start = load_start_model(self.base_path, dtype=resolve_dtype(c.model.dtype), device="cpu")
+        model, tok = start
+        self.generation_config = start.generation_config  # the start point's decoding defaults, kept on save
         if c.model.block_size is not None:
             model.config.block_size = c.model.block_size
         if c.model.shift is not None:
@@ -324,7 +327,8 @@ class Trainer:
 
                 save_adapter(self.model, d, self.base_path, self.tokenizer)
             else:
-                write_hf_dir(self.model, d, self.tokenizer, self.cfg.objective.kind == "diffusion")
+                write_hf_dir(self.model, d, self.tokenizer, self.cfg.objective.kind == "diffusion",
+                             self.generation_config)
 
         return ckptlib.write_checkpoint(self.out, self.step, write_model, self._trainer_state(),
                                         keep=self.cfg.train.keep_checkpoints, is_writer=self.dist.rank == 0,
@@ -608,15 +612,17 @@ def _before(rec: dict[str, Any], step: int) -> bool:
     return rec["step"] < step if rec.get("kind") == "train" else rec["step"] <= step
 
 
-def write_hf_dir(model, dest: Path, tokenizer=None, diffusion_trained: bool = True) -> None:
-    """The DESIGN §4 files of `model` written into an existing directory. A diffusion-trained model decodes by
-    default with the block size and shift it was trained for (a converted AR start point defaulted to exact AR)."""
+def write_hf_dir(model, dest: Path, tokenizer=None, diffusion_trained: bool = True,
+                 generation_config: dict[str, Any] | None = None) -> None:
+    """The DESIGN §4 files of `model` written into an existing directory, keeping the start point's decoding
+    defaults (`generation_config`). A diffusion-trained model decodes by default with the block size and shift it
+    was trained for (a converted AR start point defaulted to exact AR)."""
     from diffcoder.checkpoint import save_checkpoint
 
-    defaults = None
+    defaults = dict(generation_config or {})
     if diffusion_trained:
         model.config.extra["diffusion_trained"] = True
-        defaults = {"block_length": model.config.block_size, "shift": model.config.shift}
+        defaults.update(block_length=model.config.block_size, shift=model.config.shift)
     tmp = dest / ".hf"
     save_checkpoint(model, tmp, tokenizer=tokenizer, generation_defaults=defaults)
     for f in tmp.iterdir():
