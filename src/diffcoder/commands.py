@@ -160,12 +160,11 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     if tokenizer is None:
         raise DiffcoderError("this checkpoint has no tokenizer files; add them to the directory to use text prompts")
     if chat:
-        if not tokenizer.chat_template:
+        from diffcoder.chat import chat_prompt_ids, has_chat_template
+
+        if not has_chat_template(tokenizer):
             raise DiffcoderError("--chat needs a chat template, and this tokenizer has none; drop --chat")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
     return tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.bos_token_id or 0]
 
 

@@ -465,14 +465,12 @@ def tokenize_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int],
     assistant turn plus the generation prompt; the response is that turn's content through its EOS."""
     if not messages or messages[-1].get("role") != "assistant":
         raise DiffcoderError("an SFT sample's `messages` must end with an assistant turn")
-    if getattr(tokenizer, "chat_template", None) is None:
+    from diffcoder.chat import chat_prompt_ids, has_chat_template
+
+    if not has_chat_template(tokenizer):
         raise DiffcoderError("the tokenizer has no chat template; SFT needs one (use the model's own tokenizer)")
-
-    def ids(x):
-        return list(x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x)
-
-    prompt = ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
-    full = ids(tokenizer.apply_chat_template(messages, tokenize=True))
+    prompt = chat_prompt_ids(tokenizer, messages[:-1])
+    full = chat_prompt_ids(tokenizer, messages, add_generation_prompt=False)
     if full[: len(prompt)] != prompt:
         raise DiffcoderError("the chat template does not render the prompt as a prefix of the conversation; "
                              "the prompt/response boundary cannot be kept with this template")
