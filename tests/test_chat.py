@@ -52,3 +52,17 @@ def test_a_tokenizer_without_a_template_is_refused(tok):
     plain.chat_template = None
     with pytest.raises(NoChatTemplateError, match="no chat template"):
         chat_prompt_ids(plain, MESSAGES)
+
+
+def test_generate_takes_a_tokenizer_output_as_input_ids(tok):
+    """What `apply_chat_template(..., return_tensors="pt")` returns (a BatchEncoding on transformers 5) goes
+    straight into `model.generate`, as a tensor, one id list or a list of them does: the same ids come out."""
+    from diffcoder.testing import tiny_model
+
+    model = tiny_model(seed=3, vocab_size=len(tok), mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id)
+    enc = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = chat_prompt_ids(tok, MESSAGES)
+    kw = {"steps": 8, "gen_length": 8, "block_length": 4, "eos_id": -1}
+    want = model.generate(torch.tensor([ids]), **kw)
+    for given in (enc, dict(enc), enc["input_ids"], ids, [ids]):
+        assert torch.equal(model.generate(given, **kw), want), type(given)
