@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from diffcoder._version import __version__
 
 _EXPORTS = {"load": "diffcoder.loading", "resolve_model": "diffcoder.loading", "Loaded": "diffcoder.loading",
             "resolve_run_dir": "diffcoder.loading", "resolve_dtype": "diffcoder.loading",

@@ -104,8 +104,8 @@ def decode_settings(args: argparse.Namespace, loaded: Loaded, command: str = "ge
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint or adapter directory, .gguf file, or built-in name: smollm2 (the "
-                   "embedded diffusion default), smollm2-ar (its AR origin; the default with --ar)")
+    p.add_argument("--model", help="built-in name, checkpoint, adapter or training run directory, or .gguf file "
+                   "(default: smollm2, the embedded diffusion default; with --ar smollm2-ar, its AR origin)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float64 (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
 
