@@ -16,6 +16,19 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'diffcoder.serving' has no attribute {name!r}")
 
 
+def default_served_name(spec: str) -> str:
+    """The model id clients send by default: the name of the directory or file the user gave (a training run's own
+    name, not its final/), or for a built-in name the folder it is built into."""
+    from pathlib import Path
+
+    given = Path(spec).expanduser()
+    if given.exists():
+        return given.resolve().name.removesuffix(".gguf")
+    from diffcoder.loading import resolve_model
+
+    return resolve_model(spec).name.removesuffix(".gguf")
+
+
 def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: str | None = None,
               served_name: str | None = None, mask_id: int | None = None, overrides: dict | None = None,
               batch_wait: float = 0.02, device: str = "cpu", max_body_bytes: int | None = None,
@@ -24,7 +37,6 @@ def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: s
 
     `overrides`: decoding values from the command line (DecodeSettings keys, None: not given), over the
     checkpoint's defaults."""
-    from pathlib import Path
 
     from diffcoder.errors import ConfigError
     from diffcoder.loading import load
@@ -46,7 +58,7 @@ def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: s
 
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, mask_id=mask_id,
                     batch_wait=batch_wait, max_restarts=max_restarts)
-    name = served_name or Path(model_path).name.removesuffix(".gguf")
+    name = served_name or default_served_name(model_path)
     if max_body_bytes is None:
         from diffcoder.serving.app import DEFAULT_MAX_BODY_BYTES as max_body_bytes
     return create_app(engine, name, defaults, max_body_bytes=max_body_bytes, on_fatal=on_fatal), engine

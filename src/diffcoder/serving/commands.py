@@ -117,14 +117,15 @@ def run(args: argparse.Namespace) -> int:
 
     from diffcoder.commands import user_decoding_values
     from diffcoder.loading import resolve_model
-    from diffcoder.serving import build_app
+    from diffcoder.serving import build_app, default_served_name
 
     check_flags(args)
     check_device(args.device)
     sock = bind(args.host, args.port)
     fatal: list[str] = []
     try:
-        model = str(resolve_model(args.model))
+        model = str(resolve_model(args.model))  # errors before anything is loaded
+        name = args.served_model_name or default_served_name(args.model or model)
         overrides = user_decoding_values(args)
 
         def on_fatal(reason: str) -> None:
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             server.should_exit = True
 
         app, engine = build_app(model, max_batch=args.max_batch, max_queue=args.max_queue, dtype=args.dtype,
-                                served_name=args.served_model_name, mask_id=args.mask_id, overrides=overrides,
+                                served_name=name, mask_id=args.mask_id, overrides=overrides,
                                 batch_wait=args.batch_wait_ms / 1000, device=args.device,
                                 max_body_bytes=int(args.max_body_mb * 2**20), on_fatal=on_fatal)
         host, port = sock.getsockname()[:2]
