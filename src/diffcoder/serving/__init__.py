@@ -37,7 +37,6 @@ def build_app(model_path: str, max_batch: int = 8, max_queue: int = 64, dtype: s
 
     `overrides`: decoding values from the command line (DecodeSettings keys, None: not given), over the
     checkpoint's defaults."""
-
     from diffcoder.errors import ConfigError
     from diffcoder.loading import load
     from diffcoder.serving.schemas import server_defaults
