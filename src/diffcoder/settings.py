@@ -54,7 +54,7 @@ class DecodeSettings:
     steps: int | None = None  # denoising steps in total; None: one token per step
     block_length: int = DEFAULT_BLOCK_LENGTH
     temperature: float = 0.0  # 0: greedy
-    remasking: str = "low_confidence"  # confidence of a slot: softmax probability, or uniform random
+    remasking: str = REMASKING[0]  # which slots commit first: low_confidence (softmax probability) or random
     threshold: float | None = None  # commit every slot at least this confident (parallel decoding)
     shift: bool = False  # logits at i-1 predict token i (Dream style)
     eos_id: int | None = None  # None: the tokenizer's; -1: never stop early
