@@ -11,12 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from diffcoder.errors import DecodingError
-from diffcoder.model import DiffusionLM, block_causal_mask
+from diffcoder.masks import canvas_attention_mask
 from diffcoder.settings import REMASKING
+
+if TYPE_CHECKING:  # decoding needs only the model's interface, so it does not import the model module
+    from diffcoder.model import DiffusionLM
 
 # ---------------------------------------------------------------------------------------------------------
 # The rule (pure functions)
@@ -191,15 +195,6 @@ def stop_token(eos_id: int | None, default: int | None) -> int | None:
     if eos_id is None:
         return default
     return None if eos_id < 0 else eos_id
-
-
-def canvas_attention_mask(
-    q_cols: torch.Tensor, k_cols: torch.Tensor, valid: torch.Tensor, block: int
-) -> torch.Tensor:
-    """Bool [rows, 1, q, k]: block-causal over canvas columns, only real (valid) keys; padding queries see
-    themselves so no row of the softmax is empty. Columns equal positions up to a per-row multiple of `block`."""
-    mask = block_causal_mask(q_cols, k_cols, block)[None] & valid[:, None, : len(k_cols)]
-    return (mask | (q_cols[:, None] == k_cols[None, :])[None])[:, None]
 
 
 def validate(prompt_len: int, gen_length: int, steps: int, block: int, max_positions: int) -> int:

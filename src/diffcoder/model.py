@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffcoder.errors import ConfigError
+from diffcoder.masks import block_causal_mask as block_causal_mask  # re-exported: callers build masks with it
 
 
 @dataclass
@@ -298,10 +299,3 @@ def init_weights(model: DiffusionLM, std: float = 0.02, seed: int | None = None)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * std)
 
-
-def block_causal_mask(positions_q: torch.Tensor, positions_k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Query at position i may attend key at position j iff j // B <= i // B (DESIGN §1). B=1 is causal.
-
-    positions_q: [..., q], positions_k: [..., k] (absolute positions). Returns bool [..., q, k].
-    """
-    return (positions_k[..., None, :] // block_size) <= (positions_q[..., :, None] // block_size)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcoder.errors import ConfigError
+from diffcoder.masks import block_causal_mask, two_stream_mask
 
 
 def t_grid(points: int) -> list[float]:
@@ -65,19 +66,6 @@ def draw_masks(shape: tuple[int, int], block_size: int, t: float, shift: bool,
     return masks
 
 
-def two_stream_mask(length: int, block_size: int, device=None) -> torch.Tensor:
-    """bool [2L, 2L] for [x_t ; x_0] (DESIGN §3): noisy->noisy same block, noisy->clean earlier blocks,
-    clean->clean block-causal, clean->noisy never."""
-    blk = torch.arange(length, device=device) // block_size
-    same = blk[:, None] == blk[None, :]
-    earlier = blk[None, :] < blk[:, None]
-    causal = blk[None, :] <= blk[:, None]
-    none = torch.zeros(length, length, dtype=torch.bool, device=device)
-    top = torch.cat([same, earlier], dim=1)
-    bottom = torch.cat([none, causal], dim=1)
-    return torch.cat([top, bottom], dim=0)
-
-
 def masked_loss_sum(model, x0: torch.Tensor, masks: torch.Tensor, block_size: int, u: float,
                     mask_id: int, shift: bool, weighted: bool = True) -> torch.Tensor:
     """Sum over masked tokens of w * CE (w = 1/u when weighted), in float64. One forward on [x_t ; x_0]."""
@@ -119,8 +107,6 @@ def diffusion_nelbo(model, x0: torch.Tensor, block_size: int, ts: list[float], m
 @torch.no_grad()
 def ar_nll(model, x0: torch.Tensor) -> tuple[float, int]:
     """(next-token NLL summed over tokens 1..L-1 under causal attention, number of scored tokens)."""
-    from diffcoder.model import block_causal_mask
-
     b, L = x0.shape
     dev = model.device
     pos = torch.arange(L, device=dev)

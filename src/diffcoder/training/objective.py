@@ -1,7 +1,7 @@
 """The block-diffusion training objective (DESIGN §3), as small pure functions over tensors.
 
 A packed row of clean tokens `x0` (length L) is noised block by block into `xt`; the model runs once on
-`[xt ; x0]` (length 2L, position ids 0..L-1 twice) under `training_block_mask`, which makes that one forward
+`[xt ; x0]` (length 2L, position ids 0..L-1 twice) under `masks.two_stream_mask`, which makes that one forward
 equal to L/B independent block-diffusion problems, each seeing exactly what it sees at inference.
 """
 
@@ -13,52 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcoder.errors import ConfigError
-
-
-def training_block_mask(seq_len: int, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Bool [2L, 2L] (True = may attend) over `[xt ; x0]`.
-
-    noisy query in block b -> noisy keys in block b and clean keys in blocks < b;
-    clean query in block b -> clean keys in blocks <= b; nothing else.
-    """
-    blk = torch.arange(seq_len, device=device) // block_size
-    bq, bk = blk[:, None], blk[None, :]
-    noisy_noisy = bq == bk
-    noisy_clean = bk < bq
-    clean_clean = bk <= bq
-    clean_noisy = torch.zeros_like(noisy_noisy)
-    top = torch.cat([noisy_noisy, noisy_clean], dim=1)
-    bottom = torch.cat([clean_noisy, clean_clean], dim=1)
-    return torch.cat([top, bottom], dim=0)
-
-
-def training_mask_mod(seq_len: int, block_size: int):
-    """The same mask as a flex_attention `mask_mod(b, h, q_idx, kv_idx)` (for CUDA training)."""
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        q_noisy, k_noisy = q_idx < seq_len, kv_idx < seq_len
-        bq = torch.where(q_noisy, q_idx, q_idx - seq_len) // block_size
-        bk = torch.where(k_noisy, kv_idx, kv_idx - seq_len) // block_size
-        noisy_q = q_noisy & ((k_noisy & (bk == bq)) | (~k_noisy & (bk < bq)))
-        clean_q = ~q_noisy & ~k_noisy & (bk <= bq)
-        return noisy_q | clean_q
-
-    return mask_mod
-
-
-_FLEX_MASKS: dict[tuple, object] = {}
-
-
-def flex_training_mask(seq_len: int, block_size: int, device: torch.device | str):
-    """A flex_attention BlockMask for `training_block_mask`, built once per (L, B, device) and reused."""
-    key = (seq_len, block_size, str(device))
-    if key not in _FLEX_MASKS:
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        _FLEX_MASKS[key] = create_block_mask(
-            training_mask_mod(seq_len, block_size), None, None, 2 * seq_len, 2 * seq_len, device=device
-        )
-    return _FLEX_MASKS[key]
+from diffcoder.masks import two_stream_mask
 
 
 def training_position_ids(seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -215,7 +170,7 @@ def forward_diffusion(
     or with noisy_only (enough for shift=False) only the noisy half [N, L, V], skipping half the LM head."""
     n, length = x0.shape
     if attn_mask is None:
-        attn_mask = training_block_mask(length, block_size, x0.device)[None, None]
+        attn_mask = two_stream_mask(length, block_size, x0.device)[None, None]
     pos = training_position_ids(length, x0.device)[None].expand(n, -1)
     inputs = concat_inputs(x0, noise.masked, mask_token_id)
     if noisy_only:
@@ -268,7 +223,7 @@ def forward_diffusion_hidden(
     """Final hidden states [N, 2L, H] of the model on `[xt ; x0]` (the LM head is applied to scored rows only)."""
     n, length = x0.shape
     if attn_mask is None:
-        attn_mask = training_block_mask(length, block_size, x0.device)[None, None]
+        attn_mask = two_stream_mask(length, block_size, x0.device)[None, None]
     pos = training_position_ids(length, x0.device)[None].expand(n, -1)
     return model.hidden_states(concat_inputs(x0, masked, mask_token_id), pos, attn_mask)
 

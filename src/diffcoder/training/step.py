@@ -12,18 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from diffcoder.model import block_causal_mask
+from diffcoder.masks import block_causal_flex_mask, block_causal_mask, two_stream_flex_mask, two_stream_mask
 from diffcoder.training.objective import (
     BlockNoise,
     ScoredRows,
     ar_scored_rows,
     concat_inputs,
     diffusion_scored_rows,
-    flex_training_mask,
     forward_diffusion_hidden,
     head_loss_sum,
     logits_loss_sum,
-    training_block_mask,
     training_position_ids,
 )
 
@@ -82,18 +80,15 @@ class MicroBatchLoss:
     def diffusion_mask(self, seq_len: int):
         key = ("diffusion", seq_len)
         if key not in self._masks:
-            self._masks[key] = (flex_training_mask(seq_len, self.block_size, self.device) if self.device.type == "cuda"
-                                else training_block_mask(seq_len, self.block_size, self.device)[None, None])
+            self._masks[key] = (two_stream_flex_mask(seq_len, self.block_size, self.device) if self.device.type == "cuda"
+                                else two_stream_mask(seq_len, self.block_size, self.device)[None, None])
         return self._masks[key]
 
     def causal_mask(self, seq_len: int):
         key = ("causal", seq_len)
         if key not in self._masks:
             if self.device.type == "cuda":  # flex_attention: the causal mask without a dense [L, L] tensor
-                from torch.nn.attention.flex_attention import create_block_mask
-
-                self._masks[key] = create_block_mask(lambda b, h, q, k: k <= q, None, None, seq_len, seq_len,
-                                                     device=self.device)
+                self._masks[key] = block_causal_flex_mask(seq_len, 1, self.device)
             else:
                 pos = torch.arange(seq_len, device=self.device)
                 self._masks[key] = block_causal_mask(pos, pos, 1)[None, None]
