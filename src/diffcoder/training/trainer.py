@@ -17,7 +17,6 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from diffcoder import resolve_dtype
 from diffcoder.errors import CheckpointError, ConfigError, DiffcoderError
 from diffcoder.training import ckpt as ckptlib
 from diffcoder.training.config import TrainConfig, validate
+from diffcoder.training.distributed import setup_distributed
 from diffcoder.training.objective import eval_time_grid, sample_block_noise, shift_eligible, warmup_cap
 from diffcoder.training.step import MicroBatchLoss, ar_micro_batches, diffusion_micro_batches
 
@@ -36,32 +36,6 @@ from diffcoder.training.step import MicroBatchLoss, ar_micro_batches, diffusion_
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.eval_batches",
                      "train.keep_checkpoints", "train.device", "model.path", "train.compile",
                      "train.loss_chunk_rows"}
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-def setup_distributed(device_kind: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -324,7 +298,7 @@ class Trainer:
 
                 save_adapter(self.model, d, self.base_path, self.tokenizer)
             else:
-                write_hf_dir(self.model, d, self.tokenizer, self.cfg.objective.kind == "diffusion")
+                ckptlib.write_hf_dir(self.model, d, self.tokenizer, self.cfg.objective.kind == "diffusion")
 
         return ckptlib.write_checkpoint(self.out, self.step, write_model, self._trainer_state(),
                                         keep=self.cfg.train.keep_checkpoints, is_writer=self.dist.rank == 0,
@@ -348,7 +322,7 @@ class Trainer:
                 if self.token_rows is not None:
                     self._restore_token_rows(state.get("token_rows"))
             else:
-                load_model_weights(self.model, path)
+                ckptlib.load_model_weights(self.model, path)
             if state["optimizer"] is not None:
                 self.opt.load_state_dict(state["optimizer"])
         except (KeyError, RuntimeError, ValueError, OSError) as exc:  # damage no manifest caught (an old one)
@@ -606,33 +580,6 @@ def adapter_source(spec: str) -> Path:
 def _before(rec: dict[str, Any], step: int) -> bool:
     """Log records made before the checkpoint at `step` (train record k is the k-th step; eval at k after it)."""
     return rec["step"] < step if rec.get("kind") == "train" else rec["step"] <= step
-
-
-def write_hf_dir(model, dest: Path, tokenizer=None, diffusion_trained: bool = True) -> None:
-    """The DESIGN §4 files of `model` written into an existing directory. A diffusion-trained model decodes by
-    default with the block size and shift it was trained for (a converted AR start point defaulted to exact AR)."""
-    from diffcoder.checkpoint import save_checkpoint
-
-    defaults = None
-    if diffusion_trained:
-        model.config.extra["diffusion_trained"] = True
-        defaults = {"block_length": model.config.block_size, "shift": model.config.shift}
-    tmp = dest / ".hf"
-    save_checkpoint(model, tmp, tokenizer=tokenizer, generation_defaults=defaults)
-    for f in tmp.iterdir():
-        os.replace(f, dest / f.name)
-    tmp.rmdir()
-
-
-def load_model_weights(model, ckpt: Path) -> None:
-    from diffcoder.checkpoint import read_weights, weight_files
-
-    state = read_weights(weight_files(ckpt))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (model.config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-                              "; it was written by another run")
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, force: bool = False) -> dict[str, Any]:
