@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from diffcoder.masks import block_causal_flex_mask, block_causal_mask, two_stream_flex_mask, two_stream_mask
-from diffcoder.training.objective import (
+from diffcoder.nelbo import (
     BlockNoise,
     ScoredRows,
     ar_scored_rows,
@@ -22,7 +22,7 @@ from diffcoder.training.objective import (
     forward_diffusion_hidden,
     head_loss_sum,
     logits_loss_sum,
-    training_position_ids,
+    two_stream_position_ids,
 )
 
 
@@ -94,20 +94,23 @@ class MicroBatchLoss:
                 self._masks[key] = block_causal_mask(pos, pos, 1)[None, None]
         return self._masks[key]
 
-    def __call__(self, mb: MicroBatch) -> torch.Tensor:
+    def __call__(self, mb: MicroBatch, suppress_id: int | None = None) -> torch.Tensor:
+        """The micro-batch's loss sum; `suppress_id` (scoring only) removes that token's logit first."""
         n, length = mb.x0.shape
         if mb.masked is not None:
             mask = self.diffusion_mask(length)
             if self.full_logits:
                 inputs = concat_inputs(mb.x0, mb.masked, self.mask_id)
-                pos = training_position_ids(length, self.device)[None].expand(n, -1)
+                pos = two_stream_position_ids(length, self.device)[None].expand(n, -1)
                 return logits_loss_sum(self.model(inputs, position_ids=pos, attn_mask=mask), mb.x0, mb.scored,
-                                       mb.row_weights)
+                                       mb.row_weights, suppress_id)
             hidden = forward_diffusion_hidden(self.model, mb.x0, mb.masked, self.block_size, self.mask_id, mask)
         else:
             mask = self.causal_mask(length)
             if self.full_logits:
-                return logits_loss_sum(self.model(mb.x0, attn_mask=mask), mb.x0, mb.scored, mb.row_weights)
+                return logits_loss_sum(self.model(mb.x0, attn_mask=mask), mb.x0, mb.scored, mb.row_weights,
+                                       suppress_id)
             pos = torch.arange(length, device=self.device)[None].expand(n, -1)
             hidden = self.model.hidden_states(mb.x0, pos, mask)
-        return head_loss_sum(hidden, self.model.lm_head.weight, mb.x0, mb.scored, mb.row_weights, **self.chunk_kw)
+        return head_loss_sum(hidden, self.model.lm_head.weight, mb.x0, mb.scored, mb.row_weights,
+                             suppress_id=suppress_id, **self.chunk_kw)

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 from diffcoder import resolve_dtype
 from diffcoder.errors import CheckpointError, ConfigError, DiffcoderError
+from diffcoder.nelbo import diffusion_nelbo, sample_block_noise, shift_eligible
 from diffcoder.training import ckpt as ckptlib
 from diffcoder.training.config import TrainConfig, validate
 from diffcoder.training.distributed import setup_distributed
-from diffcoder.training.objective import eval_time_grid, sample_block_noise, shift_eligible, warmup_cap
+from diffcoder.training.objective import warmup_cap
 from diffcoder.training.step import MicroBatchLoss, ar_micro_batches, diffusion_micro_batches
 
 # Config keys a resumed run may change (cadence and length); anything else means "another run".
@@ -471,20 +472,18 @@ class Trainer:
         slices = [slice(a, a + mb) for a in range(0, x0.shape[0], mb)]
         out: dict[str, Any] = {"kind": "eval", "step": self.step}
         with self.autocast():
-            if self.mask_id is not None:
-                e = shift_eligible(elig, self.shift)
-                grid = eval_time_grid(c.train.eval_t_points)
-                nelbo = torch.zeros((), dtype=torch.float64, device=self.device)
-                for j, t in enumerate(grid):
-                    noise = sample_block_noise(e, self.block_size, generator=noise_generator(12345, j),
-                                               t=torch.full((x0.shape[0], x0.shape[1] // self.block_size), t))
-                    for batch in diffusion_micro_batches(x0, noise, slices, self.block_size, self.shift,
-                                                         self.device):
-                        nelbo += self.loss_fn(batch)
-                out["eval_nelbo"] = self._per_token(float(nelbo) / len(grid), int(e.sum()), "eval_nelbo")
+            if self.mask_id is not None:  # the NELBO of diffcoder.nelbo, this trainer placing the forwards
+                def score(x0_mb: torch.Tensor, noise_mb) -> torch.Tensor:
+                    (batch,) = diffusion_micro_batches(x0_mb, noise_mb, [slice(None)], self.block_size, self.shift,
+                                                       self.device)
+                    return self.loss_fn(batch, suppress_id=self.mask_id)
+
+                nelbo, count = diffusion_nelbo(score, x0, elig, self.block_size, self.shift,
+                                               c.train.eval_t_points, c.train.micro_batch_size)
+                out["eval_nelbo"] = self._per_token(float(nelbo), count, "eval_nelbo")
             ar = torch.zeros((), dtype=torch.float64, device=self.device)
             for batch in ar_micro_batches(x0, elig, slices, self.device):
-                ar += self.loss_fn(batch)
+                ar += self.loss_fn(batch, suppress_id=self.mask_id)
             out["eval_ar_nll"] = self._per_token(float(ar), int(elig[:, 1:].sum()), "eval_ar_nll")
         self.model.train()
         return out
