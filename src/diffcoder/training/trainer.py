@@ -17,6 +17,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,24 @@ from diffcoder.training import ckpt as ckptlib
 from diffcoder.training.config import TrainConfig, validate
 from diffcoder.training.distributed import setup_distributed
 from diffcoder.training.objective import warmup_cap
-from diffcoder.training.step import MicroBatchLoss, ar_micro_batches, diffusion_micro_batches
+from diffcoder.training.step import MicroBatch, MicroBatchLoss, ar_micro_batches, diffusion_micro_batches
 
 # Config keys a resumed run may change (cadence and length); anything else means "another run".
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.eval_batches",
                      "train.keep_checkpoints", "train.device", "model.path", "train.compile",
                      "train.loss_chunk_rows"}
+
+
+@dataclass
+class StepBatches:
+    """A step's micro-batches (this rank's), the global batch's loss-eligible token count and its noise stats."""
+
+    batches: list[MicroBatch]
+    count: int
+    tokens: int
+    u_max: float = 1.0
+    weighted: bool = True
+    mask_ratio: float = 0.0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -391,56 +404,64 @@ class Trainer:
             return got
         return got, torch.ones_like(got, dtype=torch.bool)
 
-    def train_step(self) -> dict[str, Any]:
+    def step_batches(self, step: int) -> StepBatches:
+        """This rank's micro-batches of a step and what the step logs about its noise; the one place that
+        branches on the objective (diffusion: noised block by block, docs/design.md §3.2-3.4; AR: next token)."""
         c = self.cfg
-        t0 = time.perf_counter()
-        x0, elig = self.global_batch_at(self.step)
-        diffusion = c.objective.kind == "diffusion"
-        u_max = warmup_cap(self.step, c.objective.warmup_steps, c.objective.u_init) if diffusion else 1.0
-        weighted = self.step >= c.objective.warmup_steps
-        # this rank's slice of the global batch, then micro-batches
+        x0, elig = self.global_batch_at(step)
         mb = c.train.micro_batch_size
-        lo = self.dist.rank * mb * c.train.grad_accum
+        lo = self.dist.rank * mb * c.train.grad_accum  # this rank's slice of the global batch, then micro-batches
         slices = [slice(lo + a * mb, lo + (a + 1) * mb) for a in range(c.train.grad_accum)]
-        if diffusion:
-            elig = shift_eligible(elig, self.shift)
-            noise = sample_block_noise(elig, self.block_size, u_max=u_max, weighted=weighted,
-                                       generator=noise_generator(c.train.seed, self.step),
-                                       antithetic=c.objective.antithetic)
-            batches = diffusion_micro_batches(x0, noise, slices, self.block_size, self.shift, self.device)
-            count = int(elig.sum())
-        else:
-            noise = None
-            batches = ar_micro_batches(x0, elig, slices, self.device)
-            count = int(elig[:, 1:].sum())
-        count = max(count, 1)
+        weighted = step >= c.objective.warmup_steps
+        if c.objective.kind != "diffusion":
+            return StepBatches(ar_micro_batches(x0, elig, slices, self.device), max(int(elig[:, 1:].sum()), 1),
+                               x0.numel(), weighted=weighted)
+        u_max = warmup_cap(step, c.objective.warmup_steps, c.objective.u_init)
+        elig = shift_eligible(elig, self.shift)
+        noise = sample_block_noise(elig, self.block_size, u_max=u_max, weighted=weighted,
+                                   generator=noise_generator(c.train.seed, step), antithetic=c.objective.antithetic)
+        count = max(int(elig.sum()), 1)
+        return StepBatches(diffusion_micro_batches(x0, noise, slices, self.block_size, self.shift, self.device),
+                           count, x0.numel(), u_max, weighted, float(noise.masked.sum()) / count)
+
+    def forward_backward_step(self, batch: MicroBatch, count: int) -> torch.Tensor:
+        """One micro-batch: its loss sum (on the device, detached) after adding its share of the gradient."""
+        with self.autocast():
+            loss_sum = self.loss_fn(batch)
+        # x world: FSDP averages gradients over ranks, the NELBO wants their sum over the global batch
+        (loss_sum / count * self.dist.world).backward()
+        return loss_sum.detach()
+
+    def optimizer_step(self, step: int) -> float:
+        """Clip, step and zero the gradients at this step's learning rate; returns the gradient norm."""
         for lr_group in self.opt.param_groups:
-            lr_group["lr"] = lr_at(self.step, c)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in batches:  # nothing in here waits for the device
-            with self.autocast():
-                loss_sum = self.loss_fn(batch)
-            # x world: FSDP averages gradients over ranks, the NELBO wants their sum over the global batch
-            (loss_sum / count * self.dist.world).backward()
-            total += loss_sum.detach()
-        if self.dist.enabled:
-            torch.distributed.all_reduce(total)
+            lr_group["lr"] = lr_at(step, self.cfg)
         if self.token_rows is not None:
             self.token_rows.take_grad()
-        grad_norm = self._clip()  # the step's one read from the device (with the loss below)
+        grad_norm = self._clip()  # the step's one read from the device (with the loss)
         self.opt.step()
         if self.token_rows is not None:
             self.token_rows.write_back()
         self.opt.zero_grad(set_to_none=True)
-        loss = float(total) / count
+        return grad_norm
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        sb = self.step_batches(self.step)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in sb.batches:  # nothing in here waits for the device
+            total += self.forward_backward_step(batch, sb.count)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(total)
+        grad_norm = self.optimizer_step(self.step)
+        loss = float(total) / sb.count
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         self.step += 1
         return {"kind": "train", "step": self.step - 1, "loss": loss, "grad_norm": grad_norm,
-                "lr": self.opt.param_groups[0]["lr"], "u_max": u_max, "weighted": weighted,
-                "mask_ratio": float(noise.masked.sum()) / count if noise is not None else 0.0,
-                "tokens_per_s": x0.numel() / dt, "step_time_s": dt}
+                "lr": self.opt.param_groups[0]["lr"], "u_max": sb.u_max, "weighted": sb.weighted,
+                "mask_ratio": sb.mask_ratio, "tokens_per_s": sb.tokens / dt, "step_time_s": dt}
 
     def _clip(self) -> float:
         clip = self.cfg.optim.grad_clip
