@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint directories: load (Llama, Qwen2, Stable-DiffCoder layouts) and save (DESIGN §4).
+"""Hugging Face checkpoint directories: load (Llama, Qwen2, Stable-DiffCoder layouts) and save (docs/design.md §4).
 
 Saving is atomic: everything is written to a temporary sibling directory that replaces the target by rename,
 so a process killed mid-write leaves the previous checkpoint intact. Every saved directory carries a manifest
@@ -311,7 +311,7 @@ def save_checkpoint(
     max_shard_bytes: int = 4 << 30,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write a DESIGN §4 directory, loadable by `transformers` as LlamaForCausalLM and by `diffcoder.load`."""
+    """Write a docs/design.md §4 directory, loadable by `transformers` as LlamaForCausalLM and by `diffcoder.load`."""
     path = Path(path)
     cfg = model.config
     builtin = DecodeSettings(max_new_tokens=1)

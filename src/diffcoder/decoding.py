@@ -1,4 +1,4 @@
-"""Block-diffusion decoding with the official Stable-DiffCoder semantics (DESIGN §2), batched and cached.
+"""Block-diffusion decoding with the official Stable-DiffCoder semantics (docs/design.md §2), batched and cached.
 
 The rule itself is four small pure functions: `block_spans` (where the blocks are), `commit_counts` (how many
 slots each step commits), `propose` (a token and a confidence per slot) and `choose_commits` (which slots to
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # decoding needs only the model's interface, so it does not i
 
 
 def block_spans(prompt_len: int, gen_length: int, block: int) -> list[tuple[int, int]]:
-    """Generation blocks [start, end) aligned to absolute multiples of `block` (DESIGN §2.2).
+    """Generation blocks [start, end) aligned to absolute multiples of `block` (docs/design.md §2.2).
 
     With r = P % B != 0 the first block holds the prompt tail and the last is shortened to r slots."""
     first = prompt_len - prompt_len % block
@@ -36,7 +36,7 @@ def block_spans(prompt_len: int, gen_length: int, block: int) -> list[tuple[int,
 
 
 def commit_counts(n_masks: int, steps: int) -> list[int]:
-    """Split n masks over `steps` steps: each gets n // S, the first n % S one more (DESIGN §2.3)."""
+    """Split n masks over `steps` steps: each gets n // S, the first n % S one more (docs/design.md §2.3)."""
     base, extra = divmod(n_masks, steps)
     return [base + (1 if j < extra else 0) for j in range(steps)]
 
@@ -66,7 +66,7 @@ def propose(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Proposed token and confidence per slot (DESIGN §2.4). logits: [..., vocab] -> ([...], [...] float64).
+    """Proposed token and confidence per slot (docs/design.md §2.4). logits: [..., vocab] -> ([...], [...] float64).
 
     top_k/top_p filter the draw at temperature > 0 only (greedy keeps the top token anyway); the confidence is
     always read from the unfiltered distribution, as in the reference."""
@@ -103,7 +103,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int | No
 def choose_commits(
     confidence: torch.Tensor, masked: torch.Tensor, k: torch.Tensor, threshold: float | None
 ) -> torch.Tensor:
-    """Which masked slots to commit this step (DESIGN §2.5). All [rows, slots]; k: [rows] counts.
+    """Which masked slots to commit this step (docs/design.md §2.5). All [rows, slots]; k: [rows] counts.
 
     threshold None: the k most confident masked slots. Else: the most confident one plus all with conf >= τ."""
     conf = confidence.masked_fill(~masked, -math.inf)
@@ -297,7 +297,7 @@ def generate(
     top_p: float | None = None,
     logprobs: int | None = None,
 ) -> torch.Tensor | GenerationResult:
-    """Decode a batch of prompts. Accepts the official call unchanged; see DESIGN §2 for the semantics.
+    """Decode a batch of prompts. Accepts the official call unchanged; see docs/design.md §2 for the semantics.
 
     input_ids: [N, P] tensor (with `attention_mask` for padded rows), or a list of id lists of any lengths.
     Returns [N, L] ids (prompt + generation, right-padded with EOS), or a GenerationResult with

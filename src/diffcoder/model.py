@@ -35,7 +35,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
-    # diffusion fields (DESIGN §1)
+    # diffusion fields (docs/design.md §1.2)
     mask_token_id: int | None = None
     block_size: int = 4
     shift: bool = False
@@ -68,7 +68,7 @@ class ModelConfig:
         d = {k: v for k, v in asdict(self).items() if k != "extra"}
         out = dict(self.extra)
         out.update(d)
-        # A checkpoint we write is a plain Llama to `transformers` (DESIGN §4).
+        # A checkpoint we write is a plain Llama to `transformers` (docs/design.md §4).
         out["model_type"] = "llama"
         out["architectures"] = ["LlamaForCausalLM"]
         out["mlp_bias"] = False

@@ -1,4 +1,4 @@
-"""Training checkpoints: `OUT/checkpoints/step_NNNNNNN/` = a DESIGN §4 model directory (or a LoRA adapter
+"""Training checkpoints: `OUT/checkpoints/step_NNNNNNN/` = a docs/design.md §4 model directory (or a LoRA adapter
 directory) plus `trainer_state.pt` (optimizer, step, RNG and data position), published atomically.
 
 Write protocol (a kill at any moment leaves the last good checkpoint intact):
@@ -201,7 +201,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def write_hf_dir(model, dest: Path, tokenizer=None, diffusion_trained: bool = True) -> None:
-    """The DESIGN §4 files of `model` written into an existing directory. A diffusion-trained model decodes by
+    """The docs/design.md §4 files of `model` written into an existing directory. A diffusion-trained model decodes by
     default with the block size and shift it was trained for (a converted AR start point defaulted to exact AR)."""
     from diffcoder.checkpoint import save_checkpoint
 

@@ -68,7 +68,7 @@ class DataSection:
 
 @dataclass
 class ObjectiveSection:
-    kind: Text = "diffusion"  # diffusion (DESIGN §3) | ar (plain next-token, the baseline)
+    kind: Text = "diffusion"  # diffusion (docs/design.md §3) | ar (plain next-token, the baseline)
     warmup_steps: Int = 0  # S_warmup: u_max ramps from u_init to 1 with unit weights
     u_init: Number = 1e-3
     antithetic: Flag = False  # stratified t draws over the batch

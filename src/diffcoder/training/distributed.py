@@ -2,7 +2,7 @@
 
 Each decoder layer is its own FSDP unit (parameters gathered just in time, gradients reduce-scattered), the
 root holds embeddings, final norm and head. A checkpoint stores the sharded model + optimizer with
-`torch.distributed.checkpoint` under `step_N/dcp/` and, gathered on rank 0, the DESIGN §4 model files beside it
+`torch.distributed.checkpoint` under `step_N/dcp/` and, gathered on rank 0, the docs/design.md §4 model files beside it
 so every checkpoint stays loadable by `diffcoder.load` and `transformers`.
 """
 

@@ -1,4 +1,4 @@
-"""The block-diffusion training objective (DESIGN §3), as small pure functions over tensors.
+"""The block-diffusion training objective (docs/design.md §3), as small pure functions over tensors.
 
 A packed row of clean tokens `x0` (length L) is noised block by block into `xt`; the model runs once on
 `[xt ; x0]` (length 2L, position ids 0..L-1 twice) under `masks.two_stream_mask`, which makes that one forward
@@ -30,7 +30,7 @@ from diffcoder.nelbo import two_stream_position_ids
 
 
 def warmup_cap(step: int, warmup_steps: int, u_init: float = 1e-3) -> float:
-    """u_max(s) = u_init + (1 - u_init) * s / S_warmup during warmup, then 1 (DESIGN §3)."""
+    """u_max(s) = u_init + (1 - u_init) * s / S_warmup during warmup, then 1 (docs/design.md §3.4)."""
     if warmup_steps <= 0 or step >= warmup_steps:
         return 1.0
     return u_init + (1.0 - u_init) * step / warmup_steps

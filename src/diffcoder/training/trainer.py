@@ -1,4 +1,4 @@
-"""The training loop: block-diffusion CPT or SFT (DESIGN §3) from a config, on one process or under torchrun
+"""The training loop: block-diffusion CPT or SFT (docs/design.md §3) from a config, on one process or under torchrun
 (FSDP2). Checkpoints, logs and evaluation live in their own modules; this file wires them together.
 
 Reproducibility: the rows of step s are global draws [s*G, (s+1)*G) (G = micro batch x accumulation x ranks)
