@@ -416,7 +416,7 @@ def load_adapter_weights(model, adapter_dir: Path) -> None:
 
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path) -> Path:
-    """`diffcoder merge`: base + adapter -> a full DESIGN §4 checkpoint."""
+    """`diffcoder merge`: base + adapter -> a full docs/design.md §4 checkpoint."""
     import diffcoder
     from diffcoder.checkpoint import save_checkpoint
 
