@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from diffcoder.head_loss import default_chunk_rows, full_logits_bytes
 from diffcoder.training.config import load_config
-from diffcoder.training.head_loss import default_chunk_rows, full_logits_bytes
 from diffcoder.training.trainer import Trainer
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name; anything else: --peak-tflops.

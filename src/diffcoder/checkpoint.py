@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint directories: load (Llama, Qwen2, Stable-DiffCoder layouts) and save (DESIGN §4).
+"""Hugging Face checkpoint directories: load (Llama, Qwen2, Stable-DiffCoder layouts) and save (docs/design.md §4).
 
 Saving is atomic: everything is written to a temporary sibling directory that replaces the target by rename,
 so a process killed mid-write leaves the previous checkpoint intact. Every saved directory carries a manifest
@@ -333,26 +333,17 @@ def state_dict_for_save(model: DiffusionLM) -> dict[str, torch.Tensor]:
 
 
 def write_weights(sd: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in sd.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    for i, shard in enumerate(tqdm(shards, desc="saving weights", unit="shard")):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    """`model.safetensors`, or shards of at most `max_shard_bytes` with the index `transformers` reads."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_bytes)
+    files = split.filename_to_tensors.items()
+    for name, keys in tqdm(files, desc="saving weights", unit="shard", disable=not split.is_sharded):
+        save_file({k: sd[k] for k in keys}, str(out / name), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def atomic_directory(target: Path, write) -> None:
@@ -386,7 +377,7 @@ def save_checkpoint(
     max_shard_bytes: int = 4 << 30,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write a DESIGN §4 directory, loadable by `transformers` as LlamaForCausalLM and by `diffcoder.load`.
+    """Write a docs/design.md §4 directory, loadable by `transformers` as LlamaForCausalLM and by `diffcoder.load`.
 
     `generation_defaults`: the decoding defaults to record over the model config's block size and shift (to keep
     a loaded checkpoint's, pass its `Loaded.generation_config`)."""

@@ -1,4 +1,4 @@
-"""Turn an AR checkpoint (GGUF or HF directory) into a diffusion-ready HF directory (DESIGN §1, §4)."""
+"""Turn an AR checkpoint (GGUF or HF directory) into a diffusion-ready HF directory (docs/design.md §1.2, §4)."""
 
 from __future__ import annotations
 

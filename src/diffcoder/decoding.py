@@ -1,4 +1,4 @@
-"""Block-diffusion decoding with the official Stable-DiffCoder semantics (DESIGN §2), batched and cached.
+"""Block-diffusion decoding with the official Stable-DiffCoder semantics (docs/design.md §2), batched and cached.
 
 The rule itself is four small pure functions: `block_spans` (where the blocks are), `commit_counts` (how many
 slots each step commits), `propose` (a token and a confidence per slot) and `choose_commits` (which slots to
@@ -11,19 +11,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from diffcoder.errors import DecodingError
-from diffcoder.model import DiffusionLM, block_causal_mask
+from diffcoder.masks import canvas_attention_mask
 from diffcoder.settings import REMASKING
+
+if TYPE_CHECKING:  # decoding needs only the model's interface, so it does not import the model module
+    from diffcoder.model import DiffusionLM
 
 # ---------------------------------------------------------------------------------------------------------
 # The rule (pure functions)
 
 
 def block_spans(prompt_len: int, gen_length: int, block: int) -> list[tuple[int, int]]:
-    """Generation blocks [start, end) aligned to absolute multiples of `block` (DESIGN §2.2).
+    """Generation blocks [start, end) aligned to absolute multiples of `block` (docs/design.md §2.2).
 
     With r = P % B != 0 the first block holds the prompt tail and the last is shortened to r slots."""
     first = prompt_len - prompt_len % block
@@ -32,7 +36,7 @@ def block_spans(prompt_len: int, gen_length: int, block: int) -> list[tuple[int,
 
 
 def commit_counts(n_masks: int, steps: int) -> list[int]:
-    """Split n masks over `steps` steps: each gets n // S, the first n % S one more (DESIGN §2.3)."""
+    """Split n masks over `steps` steps: each gets n // S, the first n % S one more (docs/design.md §2.3)."""
     base, extra = divmod(n_masks, steps)
     return [base + (1 if j < extra else 0) for j in range(steps)]
 
@@ -62,7 +66,7 @@ def propose(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Proposed token and confidence per slot (DESIGN §2.4). logits: [..., vocab] -> ([...], [...] float64).
+    """Proposed token and confidence per slot (docs/design.md §2.4). logits: [..., vocab] -> ([...], [...] float64).
 
     top_k/top_p filter the draw at temperature > 0 only (greedy keeps the top token anyway); the confidence is
     always read from the unfiltered distribution, as in the reference."""
@@ -99,7 +103,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int | No
 def choose_commits(
     confidence: torch.Tensor, masked: torch.Tensor, k: torch.Tensor, threshold: float | None
 ) -> torch.Tensor:
-    """Which masked slots to commit this step (DESIGN §2.5). All [rows, slots]; k: [rows] counts.
+    """Which masked slots to commit this step (docs/design.md §2.5). All [rows, slots]; k: [rows] counts.
 
     threshold None: the k most confident masked slots. Else: the most confident one plus all with conf >= τ."""
     conf = confidence.masked_fill(~masked, -math.inf)
@@ -109,6 +113,33 @@ def choose_commits(
     best = torch.zeros_like(masked)
     best.scatter_(-1, conf.argmax(-1, keepdim=True), True)
     return masked & (best | (conf >= threshold))
+
+
+@dataclass
+class StepRule:
+    """The settings that turn one step's logits into commits (docs/design.md §2.4, §2.5)."""
+
+    mask_id: int
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+
+def denoise_step(logits_m: torch.Tensor, masked: torch.Tensor, k: torch.Tensor, rule: StepRule
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the rule on a block: (proposed ids [rows, slots], which slots commit [rows, slots]).
+
+    logits_m: the logits of the still-masked slots only ([masked.sum(), vocab], in `masked`'s row-major order);
+    k: [rows] commit counts of this step."""
+    x0_m, conf_m = propose(logits_m, rule.mask_id, rule.temperature, rule.remasking, rule.generator, rule.top_k,
+                           rule.top_p)
+    x0 = torch.zeros(masked.shape, dtype=torch.long, device=masked.device).masked_scatter(masked, x0_m)
+    conf = torch.full(masked.shape, -math.inf, dtype=torch.float64, device=masked.device).masked_scatter(
+        masked, conf_m)
+    return x0, choose_commits(conf, masked, k, rule.threshold)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,15 +231,6 @@ def stop_token(eos_id: int | None, default: int | None) -> int | None:
     return None if eos_id < 0 else eos_id
 
 
-def canvas_attention_mask(
-    q_cols: torch.Tensor, k_cols: torch.Tensor, valid: torch.Tensor, block: int
-) -> torch.Tensor:
-    """Bool [rows, 1, q, k]: block-causal over canvas columns, only real (valid) keys; padding queries see
-    themselves so no row of the softmax is empty. Columns equal positions up to a per-row multiple of `block`."""
-    mask = block_causal_mask(q_cols, k_cols, block)[None] & valid[:, None, : len(k_cols)]
-    return (mask | (q_cols[:, None] == k_cols[None, :])[None])[:, None]
-
-
 def validate(prompt_len: int, gen_length: int, steps: int, block: int, max_positions: int) -> int:
     """Check the official code's constraints; return S, the steps per block."""
     if block < 1:
@@ -282,7 +304,7 @@ def generate(
     top_p: float | None = None,
     logprobs: int | None = None,
 ) -> torch.Tensor | GenerationResult:
-    """Decode a batch of prompts. Accepts the official call unchanged; see DESIGN §2 for the semantics.
+    """Decode a batch of prompts. Accepts the official call unchanged; see docs/design.md §2 for the semantics.
 
     input_ids: [N, P] tensor (with `attention_mask` for padded rows), a list of id lists of any lengths, one
     prompt's ids, or a tokenizer's output (a BatchEncoding or dict with input_ids and attention_mask).
@@ -329,121 +351,174 @@ def generate(
     for p in prompts:
         S = validate(len(p), gen_length, steps, block, cfg.max_position_embeddings)
 
-    result = _decode(model, prompts, S, gen_length, block, temperature, remasking, shift, threshold,
-                     eos_id, mask_id, on_event, cancelled, generator, top_k, top_p, logprobs)
+    rule = StepRule(mask_id, temperature, remasking, threshold, top_k, top_p, generator)
+    events = _Events(_ActiveRows(len(prompts), on_event, cancelled), on_event, mask_id, logprobs)
+    result = _decode(model, prompts, S, gen_length, rule, block, shift, eos_id, events)
     if max_new_tokens is not None:
         result.sequences = [s[: p + max_new_tokens] for s, p in zip(result.sequences, result.prompt_lengths)]
     return result if return_result else result.padded(eos_id if eos_id is not None else (cfg.pad_token_id or 0),
                                                       model.device)
 
 
-def _decode(model, prompts, S, gen_length, B, temperature, remasking, shift, threshold, eos_id, mask_id,
-            on_event, cancelled, generator, top_k=None, top_p=None, logprobs=None) -> GenerationResult:
-    device = model.device
-    N = len(prompts)
-    lens = torch.tensor([len(p) for p in prompts])
-    # Left-pad every row by a multiple of B so all rows' blocks fall on the same canvas columns.
-    first_block = lens - lens % B
-    t0 = int(first_block.max())
-    pads = t0 - first_block
-    ends = pads + lens + gen_length  # exclusive canvas end per row
-    width = int(ends.max())
-    n_blocks = -(-(width - t0) // B)
-    width = t0 + n_blocks * B
+class _Canvas:
+    """The batch on one canvas: each row left-padded by a multiple of B, so every row's blocks fall on the same
+    columns; `to_fill` marks the generation slots still masked."""
 
-    canvas = torch.full((N, width), mask_id, dtype=torch.long)
-    cols = torch.arange(width)
-    valid = (cols >= pads[:, None]) & (cols < ends[:, None])  # real tokens (prompt or generation)
-    to_fill = (cols >= (pads + lens)[:, None]) & valid  # generation slots still masked
-    canvas[~valid] = 0  # padding columns: never attended to, any id will do
-    for i, p in enumerate(prompts):
-        canvas[i, pads[i] : pads[i] + lens[i]] = p
+    def __init__(self, prompts: list[torch.Tensor], gen_length: int, block: int, mask_id: int, device):
+        lens = torch.tensor([len(p) for p in prompts])
+        first_block = lens - lens % block
+        self.t0 = int(first_block.max())  # the column where the first generation block starts
+        self.pads = self.t0 - first_block
+        self.lens = lens
+        self.ends = self.pads + lens + gen_length  # exclusive canvas end per row
+        self.n_blocks = -(-(int(self.ends.max()) - self.t0) // block)
+        self.block = block
+        width = self.t0 + self.n_blocks * block
+        cols = torch.arange(width)
+        valid = (cols >= self.pads[:, None]) & (cols < self.ends[:, None])  # real tokens (prompt or generation)
+        to_fill = (cols >= (self.pads + lens)[:, None]) & valid
+        ids = torch.full((len(prompts), width), mask_id, dtype=torch.long)
+        ids[~valid] = 0  # padding columns: never attended to, any id will do
+        for i, p in enumerate(prompts):
+            ids[i, self.pads[i] : self.pads[i] + lens[i]] = p
+        self.ids, self.valid, self.to_fill = ids.to(device), valid.to(device), to_fill.to(device)
+        self.positions = (cols.to(device)[None] - self.pads.to(device)[:, None]).clamp(min=0)
 
-    canvas, valid, to_fill = canvas.to(device), valid.to(device), to_fill.to(device)
-    active = _ActiveRows(N, on_event, cancelled)
-    rows = active.rows
-    cache = model.new_cache(N, width)
-    committed = 0  # canvas columns [0, committed) have clean keys in the cache
-    prev_hidden = None  # final hidden state at column (block start - 1): predicts the first slot when shift=True
-    forwards = steps_taken = 0
-    positions = (cols.to(device)[None] - pads.to(device)[:, None]).clamp(min=0)
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
 
-    for b in range(n_blocks):
-        s, e = t0 + b * B, t0 + (b + 1) * B
-        n = to_fill[:, s:e].sum(-1)  # masks per active row
-        counts = torch.tensor([commit_counts(int(x), S) for x in n.tolist()], dtype=torch.long, device=device)
+    def span(self, b: int) -> tuple[int, int]:
+        return self.t0 + b * self.block, self.t0 + (b + 1) * self.block
+
+    def commit(self, s: int, e: int, x0: torch.Tensor, commit: torch.Tensor) -> None:
+        self.ids[:, s:e] = torch.where(commit, x0, self.ids[:, s:e])
+        self.to_fill[:, s:e] &= ~commit
+
+    def finish_block(self, r: int, s: int, e: int, eos_id: int | None) -> tuple[bool, int, int]:
+        """After block [s, e) of row r is clean: (row done, first generated column, block end in the row).
+        EOS in the generated part fills the rest of the block with EOS and ends the row (docs/design.md §2.6)."""
+        row_end = int(self.ends[r])
+        blk_end = min(e, row_end)
+        gen_start = max(s, int(self.pads[r] + self.lens[r]))
+        done = blk_end >= row_end
+        if eos_id is not None and gen_start < blk_end:
+            hits = torch.nonzero(self.ids[r, gen_start:blk_end] == eos_id).flatten()
+            if len(hits):
+                self.ids[r, gen_start + int(hits[0]) : blk_end] = eos_id
+                done = True
+        return done, gen_start, blk_end
+
+    def keep_rows(self, idx: torch.Tensor) -> None:
+        on_device = idx.to(self.ids.device)
+        self.ids, self.valid, self.to_fill, self.positions = (
+            t[on_device] for t in (self.ids, self.valid, self.to_fill, self.positions))
+        self.pads, self.lens, self.ends = (t[idx] for t in (self.pads, self.lens, self.ends))
+
+
+class _BlockForward:
+    """The caching concern. Columns [0, committed) have clean keys in the KV cache; a block's first step also
+    re-runs the previous block, now clean, writing its keys (the official code's extra commit forward, fused).
+    With shift, the hidden state before a block predicts its first slot."""
+
+    def __init__(self, model, rows: int, width: int, block: int, shift: bool):
+        self.model, self.block, self.shift = model, block, shift
+        self.cache = model.new_cache(rows, width)
+        self.committed = 0
+        self.prev_hidden = None  # final hidden state at column (block start - 1)
+        self.forwards = 0
+
+    def block_hidden(self, canvas: _Canvas, s: int, e: int) -> torch.Tensor:
+        """[rows, e - s, H]: the hidden state that predicts each slot of block [s, e)."""
+        start = self.committed
+        dev = canvas.ids.device
+        q_cols, k_cols = torch.arange(start, e, device=dev), torch.arange(e, device=dev)
+        attn = canvas_attention_mask(q_cols, k_cols, canvas.valid, self.block)
+        hidden = self.model.hidden_states(canvas.ids[:, start:e], canvas.positions[:, start:e], attn, self.cache,
+                                          start)
+        self.forwards += 1
+        if start < s:
+            self.committed = s
+            self.prev_hidden = hidden[:, s - start - 1]
+        out = hidden[:, s - start :]
+        if self.shift:  # position i-1 predicts column i; the block's first slot uses the previous block
+            # (with no column before the block, its first slot is a prompt token: the stand-in is unused)
+            before = self.prev_hidden if self.prev_hidden is not None else torch.zeros_like(out[:, 0])
+            out = torch.cat([before[:, None], out[:, :-1]], dim=1)
+        return out
+
+    def keep_rows(self, idx: torch.Tensor) -> None:
+        self.cache.keep_rows(idx.to(self.cache.k[0].device))
+        if self.prev_hidden is not None:
+            self.prev_hidden = self.prev_hidden[idx.to(self.prev_hidden.device)]
+
+
+def _decode(model, prompts: list[torch.Tensor], S: int, gen_length: int, rule: StepRule, block: int, shift: bool,
+            eos_id: int | None, events: _Events) -> GenerationResult:
+    canvas = _Canvas(prompts, gen_length, block, rule.mask_id, model.device)
+    fwd = _BlockForward(model, len(prompts), canvas.width, block, shift)
+    active = events.active
+    steps_taken = 0
+    for b in range(canvas.n_blocks):
+        s, e = canvas.span(b)
+        n = canvas.to_fill[:, s:e].sum(-1)  # masks per active row
+        counts = torch.tensor([commit_counts(int(x), S) for x in n.tolist()], dtype=torch.long, device=n.device)
         step = 0
-        while bool(to_fill[:, s:e].any()):
+        while bool(canvas.to_fill[:, s:e].any()):
             k = counts[:, step] if step < S else torch.zeros_like(n)
-            if threshold is None and not bool(k.any()):
+            if rule.threshold is None and not bool(k.any()):
                 step += 1  # a step that commits nothing is skipped, as in the official loop
                 continue
-            start = committed  # first step of a block also writes the previous block's clean keys
-            q_cols, k_cols = torch.arange(start, e, device=device), torch.arange(e, device=device)
-            attn = canvas_attention_mask(q_cols, k_cols, valid, B)
-            hidden = model.hidden_states(canvas[:, start:e], positions[:, start:e], attn, cache, start)
-            forwards += 1
-            if start < s:
-                committed = s
-                prev_hidden = hidden[:, s - start - 1]
-            block_hidden = hidden[:, s - start :]
-            if shift:  # position i-1 predicts column i; the block's first slot uses the previous block
-                # (with no column before the block, its first slot is a prompt token: the stand-in is unused)
-                before = prev_hidden if prev_hidden is not None else torch.zeros_like(block_hidden[:, 0])
-                block_hidden = torch.cat([before[:, None], block_hidden[:, :-1]], dim=1)
-            masked = to_fill[:, s:e]
+            masked = canvas.to_fill[:, s:e].clone()
             # The LM head and softmax run only where a prediction is needed: the still-masked slots.
-            logits_m = model.lm_head(block_hidden[masked])
-            x0_m, conf_m = propose(logits_m, mask_id, temperature, remasking, generator, top_k, top_p)
-            want_scores = logprobs is not None and on_event is not None
-            scores = _slot_logprobs(logits_m, x0_m, masked, mask_id, logprobs) if want_scores else None
-            x0 = torch.zeros(masked.shape, dtype=torch.long, device=device).masked_scatter(masked, x0_m)
-            conf = torch.full(masked.shape, -math.inf, dtype=torch.float64, device=device).masked_scatter(
-                masked, conf_m)
-            commit = choose_commits(conf, masked, k, threshold)
-            canvas[:, s:e] = torch.where(commit, x0, canvas[:, s:e])
-            to_fill[:, s:e] &= ~commit
+            logits_m = model.lm_head(fwd.block_hidden(canvas, s, e)[masked])
+            x0, commit = denoise_step(logits_m, masked, k, rule)
+            canvas.commit(s, e, x0, commit)
             steps_taken += int(commit.any(-1).sum())
-            if on_event is not None:
-                for r in torch.nonzero(commit.any(-1)).flatten().tolist():
-                    c = torch.nonzero(commit[r]).flatten()
-                    ev = DecodeEvent("commit", rows[r], b, step, (c + s - int(pads[r])).tolist(),
-                                     x0[r, c].tolist(), forwards)
-                    if scores is not None:
-                        ev.logprobs, ev.top_logprobs = scores(r, c)
-                    on_event(ev)
+            events.commits(canvas, commit, x0, masked, logits_m, b, step, s, fwd.forwards)
             step += 1
-
-        # The block is clean: EOS stop, emit, and drop finished rows.
         keep = []
-        for r in range(len(rows)):
-            row_end = int(ends[r])
-            blk_end = min(e, row_end)
-            gen_start = max(s, int(pads[r] + lens[r]))
-            done = blk_end >= row_end
-            if eos_id is not None and gen_start < blk_end:
-                hits = torch.nonzero(canvas[r, gen_start:blk_end] == eos_id).flatten()
-                if len(hits):
-                    canvas[r, gen_start + int(hits[0]) : blk_end] = eos_id
-                    done = True
-            if on_event is not None and gen_start < blk_end:
-                pad = int(pads[r])
-                on_event(DecodeEvent("block", rows[r], b, step, list(range(gen_start - pad, blk_end - pad)),
-                                     canvas[r, gen_start:blk_end].tolist(), forwards))
-            if active.settle(r, done, canvas[r, int(pads[r]) : blk_end], b, step, forwards):
+        for r in range(len(active.rows)):
+            done, gen_start, blk_end = canvas.finish_block(r, s, e, eos_id)
+            events.block(canvas, r, b, step, gen_start, blk_end, fwd.forwards)
+            if active.settle(r, done, canvas.ids[r, int(canvas.pads[r]) : blk_end], b, step, fwd.forwards):
                 keep.append(r)
         if not keep:
             break
-        if len(keep) < len(rows):
-            canvas, valid, to_fill, positions, pads, lens, ends, prev_hidden = active.shrink(
-                keep, cache, canvas, valid, to_fill, positions, pads, lens, ends, prev_hidden)
-            rows = active.rows
-    return GenerationResult(
-        sequences=[active.finished[i] for i in range(N)],
-        prompt_lengths=[len(p) for p in prompts],
-        forwards=forwards,
-        steps=steps_taken,
-    )
+        if len(keep) < len(active.rows):
+            idx = torch.tensor(keep)
+            active.rows = [active.rows[r] for r in keep]
+            canvas.keep_rows(idx)
+            fwd.keep_rows(idx)
+    return GenerationResult(sequences=[active.finished[i] for i in range(len(prompts))],
+                            prompt_lengths=[len(p) for p in prompts], forwards=fwd.forwards, steps=steps_taken)
+
+
+class _Events:
+    """Streaming: commit and block events of the rows still decoding (a no-op without `on_event`)."""
+
+    def __init__(self, active: _ActiveRows, on_event, mask_id: int, logprobs: int | None):
+        self.active, self.on_event, self.mask_id = active, on_event, mask_id
+        self.logprobs = logprobs if on_event is not None else None
+
+    def commits(self, canvas: _Canvas, commit, x0, masked, logits_m, b: int, step: int, s: int, forwards: int):
+        if self.on_event is None:
+            return
+        scores = (_slot_logprobs(logits_m, x0[masked], masked, self.mask_id, self.logprobs)
+                  if self.logprobs is not None else None)
+        for r in torch.nonzero(commit.any(-1)).flatten().tolist():
+            c = torch.nonzero(commit[r]).flatten()
+            ev = DecodeEvent("commit", self.active.rows[r], b, step, (c + s - int(canvas.pads[r])).tolist(),
+                             x0[r, c].tolist(), forwards)
+            if scores is not None:
+                ev.logprobs, ev.top_logprobs = scores(r, c)
+            self.on_event(ev)
+
+    def block(self, canvas: _Canvas, r: int, b: int, step: int, gen_start: int, blk_end: int, forwards: int):
+        if self.on_event is not None and gen_start < blk_end:
+            pad = int(canvas.pads[r])
+            self.on_event(DecodeEvent("block", self.active.rows[r], b, step, list(range(gen_start - pad,
+                                      blk_end - pad)), canvas.ids[r, gen_start:blk_end].tolist(), forwards))
 
 
 def _slot_logprobs(logits_m, x0_m, masked, mask_id, top):

@@ -1,4 +1,4 @@
-"""Infilling: fill the gap between a prefix and a suffix with the block-diffusion decoder (DESIGN §2).
+"""Infilling: fill the gap between a prefix and a suffix with the block-diffusion decoder (docs/design.md §2.8).
 
 Under block-causal attention a span sees only what precedes it on the canvas, so the suffix goes into the prompt in
 fill-in-the-middle order (`fim.infill_prompt_ids`) and the middle is generated after it, block by block, until the

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffcoder.errors import ConfigError
+from diffcoder.masks import block_causal_mask as block_causal_mask  # re-exported: callers build masks with it
 
 
 @dataclass
@@ -34,7 +35,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
-    # diffusion fields (DESIGN §1)
+    # diffusion fields (docs/design.md §1.2)
     mask_token_id: int | None = None
     block_size: int = 4
     shift: bool = False
@@ -67,7 +68,7 @@ class ModelConfig:
         d = {k: v for k, v in asdict(self).items() if k != "extra"}
         out = dict(self.extra)
         out.update(d)
-        # A checkpoint we write is a plain Llama to `transformers` (DESIGN §4).
+        # A checkpoint we write is a plain Llama to `transformers` (docs/design.md §4).
         out["model_type"] = "llama"
         out["architectures"] = ["LlamaForCausalLM"]
         out["mlp_bias"] = False
@@ -298,10 +299,3 @@ def init_weights(model: DiffusionLM, std: float = 0.02, seed: int | None = None)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * std)
 
-
-def block_causal_mask(positions_q: torch.Tensor, positions_k: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Query at position i may attend key at position j iff j // B <= i // B (DESIGN §1). B=1 is causal.
-
-    positions_q: [..., q], positions_k: [..., k] (absolute positions). Returns bool [..., q, k].
-    """
-    return (positions_k[..., None, :] // block_size) <= (positions_q[..., :, None] // block_size)

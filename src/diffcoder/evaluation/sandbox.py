@@ -1,4 +1,4 @@
-"""Run untrusted generated code against trusted tests, and say how it went (DESIGN §6).
+"""Run untrusted generated code against trusted tests, and say how it went (docs/design.md §6.3).
 
 A `Program` is the program's code (untrusted: it may be hostile) and the test that judges it (trusted: the
 benchmark's). Each run goes through `_launcher.py` in its own process:

@@ -1,4 +1,4 @@
-"""Training checkpoints: `OUT/checkpoints/step_NNNNNNN/` = a DESIGN §4 model directory (or a LoRA adapter
+"""Training checkpoints: `OUT/checkpoints/step_NNNNNNN/` = a docs/design.md §4 model directory (or a LoRA adapter
 directory) plus `trainer_state.pt` (optimizer, step, RNG and data position), published atomically.
 
 Write protocol (a kill at any moment leaves the last good checkpoint intact):
@@ -198,3 +198,32 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def write_hf_dir(model, dest: Path, tokenizer=None, diffusion_trained: bool = True,
+                 generation_config: dict[str, Any] | None = None) -> None:
+    """The docs/design.md §4 files of `model` written into an existing directory, keeping the start point's
+    decoding defaults (`generation_config`, from `load_start_model`). A diffusion-trained model decodes by default
+    with the block size and shift it was trained for (a converted AR start point defaulted to exact AR)."""
+    from diffcoder.checkpoint import save_checkpoint
+
+    defaults = dict(generation_config or {})
+    if diffusion_trained:
+        model.config.extra["diffusion_trained"] = True
+        defaults.update(block_length=model.config.block_size, shift=model.config.shift)
+    tmp = dest / ".hf"
+    save_checkpoint(model, tmp, tokenizer=tokenizer, generation_defaults=defaults)
+    for f in tmp.iterdir():
+        os.replace(f, dest / f.name)
+    tmp.rmdir()
+
+
+def load_model_weights(model, ckpt: Path) -> None:
+    from diffcoder.checkpoint import read_weights, weight_files
+
+    state = read_weights(weight_files(ckpt))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (model.config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+                              "; it was written by another run")

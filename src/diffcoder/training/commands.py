@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--max-files", type=int, default=None)
     b.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     b.add_argument("--fim-rate", type=float, default=0.0,
-                   help="share of documents FIM-transformed (prefix/suffix/middle reordered; DESIGN §2), e.g. 0.5")
+                   help="share of documents FIM-transformed (prefix/suffix/middle reordered; docs/design.md §2.8), e.g. 0.5")
     b.add_argument("--fim-seed", type=int, default=0, help="seed of the FIM draws (with each document's hash)")
     b.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
     b.set_defaults(func=cmd_data_build)

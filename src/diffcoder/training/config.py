@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_type_hints
 
 import yaml
+from pydantic import BeforeValidator, Strict, TypeAdapter, ValidationError
 
 from diffcoder.errors import ConfigError
 
@@ -19,73 +21,100 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads '1e-3' (no dot) as a string: take it as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _comma_list(value: Any) -> Any:
+    """`lora.targets=q_proj,v_proj` on the command line is a comma-separated string."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+def _scalar_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int | float) else value
+
+
+# The value types of config keys: no silent bool -> int or float -> int; numbers may come as YAML strings.
+Int = Annotated[int, Strict()]
+Number = Annotated[float, Strict(), BeforeValidator(_yaml_number)]
+Flag = Annotated[bool, Strict()]
+Text = Annotated[str, BeforeValidator(_scalar_text)]
+Names = Annotated[list[Annotated[str, BeforeValidator(str)]], BeforeValidator(_comma_list)]
+
+
 @dataclass
 class ModelSection:
-    path: str = "default"  # checkpoint dir, .gguf, 'default'/'smollm2' (diffusion default), 'smollm2-ar' (AR origin)
-    dtype: str = "float32"  # master weights; on GPU the forward runs under bf16 autocast (train.bf16)
-    block_size: int | None = None  # None: the checkpoint's
-    shift: bool | None = None  # None: the checkpoint's
-    gradient_checkpointing: bool = False
+    path: Text = "default"  # checkpoint dir, .gguf, 'default'/'smollm2' (diffusion default), 'smollm2-ar' (AR origin)
+    dtype: Text = "float32"  # master weights; on GPU the forward runs under bf16 autocast (train.bf16)
+    block_size: Int | None = None  # None: the checkpoint's
+    shift: Flag | None = None  # None: the checkpoint's
+    gradient_checkpointing: Flag = False
 
 
 @dataclass
 class DataSection:
-    kind: str = "cpt"  # cpt (packed rows) | sft (prompt/response pairs)
-    path: str = ""  # a directory from `diffcoder data build` / `diffcoder data sft`
-    seq_len: int = 512
-    min_eos: int = 1  # SFT: trailing EOS appended per sample, drawn uniformly in [min_eos, max_eos]
-    max_eos: int = 4
+    kind: Text = "cpt"  # cpt (packed rows) | sft (prompt/response pairs)
+    path: Text = ""  # a directory from `diffcoder data build` / `diffcoder data sft`
+    seq_len: Int = 512
+    min_eos: Int = 1  # SFT: trailing EOS appended per sample, drawn uniformly in [min_eos, max_eos]
+    max_eos: Int = 4
 
 
 @dataclass
 class ObjectiveSection:
-    kind: str = "diffusion"  # diffusion (DESIGN §3) | ar (plain next-token, the baseline)
-    warmup_steps: int = 0  # S_warmup: u_max ramps from u_init to 1 with unit weights
-    u_init: float = 1e-3
-    antithetic: bool = False  # stratified t draws over the batch
+    kind: Text = "diffusion"  # diffusion (docs/design.md §3) | ar (plain next-token, the baseline)
+    warmup_steps: Int = 0  # S_warmup: u_max ramps from u_init to 1 with unit weights
+    u_init: Number = 1e-3
+    antithetic: Flag = False  # stratified t draws over the batch
 
 
 @dataclass
 class OptimSection:
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 0  # linear LR warmup
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping (the pre-clip norm is logged either way)
+    lr: Number = 1e-4
+    min_lr_ratio: Number = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: Int = 0  # linear LR warmup
+    weight_decay: Number = 0.0
+    beta1: Number = 0.9
+    beta2: Number = 0.95
+    eps: Number = 1e-8
+    grad_clip: Number = 1.0  # 0 disables clipping (the pre-clip norm is logged either way)
 
 
 @dataclass
 class TrainSection:
-    steps: int = 100
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    bf16: bool = True  # autocast on CUDA; ignored on CPU
-    out_dir: str = "runs/train"
-    log_every: int = 1
-    eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 4
-    eval_t_points: int = 4  # fixed grid of t for the held-out NELBO
-    save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    compile: bool = False  # torch.compile the decoder layers and the loss chunks (pays on GPU; minutes to start)
-    loss_chunk_rows: int = 0  # rows per LM-head + cross-entropy chunk; 0: about 256 MiB of float32 logits each
+    steps: Int = 100
+    micro_batch_size: Int = 4
+    grad_accum: Int = 1
+    seed: Int = 0
+    device: Text = "auto"  # auto | cpu | cuda
+    bf16: Flag = True  # autocast on CUDA; ignored on CPU
+    out_dir: Text = "runs/train"
+    log_every: Int = 1
+    eval_every: Int = 0  # 0: only at the end
+    eval_batches: Int = 4
+    eval_t_points: Int = 4  # fixed grid of t for the held-out NELBO
+    save_every: Int = 0  # 0: only at the end
+    keep_checkpoints: Int = 2
+    compile: Flag = False  # torch.compile the decoder layers and the loss chunks (pays on GPU; minutes to start)
+    loss_chunk_rows: Int = 0  # rows per LM-head + cross-entropy chunk; 0: about 256 MiB of float32 logits each
 
 
 @dataclass
 class LoraSection:
-    enabled: bool = False
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    enabled: Flag = False
+    rank: Int = 8
+    alpha: Number = 16.0
+    dropout: Number = 0.0
+    targets: Names = field(default_factory=lambda: list(LORA_TARGETS))
     # start the adapter (LoRA matrices and fully trained token rows) from an earlier LoRA run (its latest
     # checkpoint) or adapter directory, e.g. SFT after LoRA CPT: runs/cpt; its FIM tokens come along
-    init_from: str = ""
+    init_from: Text = ""
 
 
 @dataclass
@@ -112,37 +141,28 @@ def _unknown(key: str, candidates: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
-    if value is None:
-        if "None" in annotation:
-            return None
-        raise ConfigError(f"{key} may not be null")
-    if "list" in annotation:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [str(v) for v in value]
-    if annotation.startswith("bool"):
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if annotation.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if annotation.startswith("float"):
-        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if annotation.startswith("str"):
-        return str(value)
-    return value
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "list": "a list",
+             "string": "a string"}
+
+
+@functools.cache
+def _adapter(section: type, name: str) -> TypeAdapter:
+    return TypeAdapter(get_type_hints(section, include_extras=True)[name])
+
+
+def _coerce(key: str, value: Any, section: type, f: dataclasses.Field) -> Any:
+    """The value of config key `key` as its field's type, or a ConfigError naming the key and a valid value."""
+    try:
+        return _adapter(section, f.name).validate_python(value)
+    except ValidationError as exc:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        example = ",".join(default) if isinstance(default, list) else str(default).lower() if isinstance(
+            default, bool) else default
+        if value is None:
+            raise ConfigError(f"{key} may not be null; give a value (e.g. {key}={example})") from None
+        kind = exc.errors()[0]["type"].split("_")[0]
+        expected = _EXPECTED.get(kind, exc.errors()[0]["msg"].lower())
+        raise ConfigError(f"{key} must be {expected}, got {value!r} (e.g. {key}={example})") from None
 
 
 def from_dict(d: dict[str, Any]) -> TrainConfig:
@@ -158,8 +178,7 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
         for k, v in body.items():
             if k not in names:
                 raise _unknown(f"{sname}.{k}", [f"{sname}.{n}" for n in names])
-            f = names[k]
-            setattr(sec, k, _coerce(f"{sname}.{k}", v, f.default, str(f.type)))
+            setattr(sec, k, _coerce(f"{sname}.{k}", v, type(sec), names[k]))
     return cfg
 
 

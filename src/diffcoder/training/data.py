@@ -189,7 +189,7 @@ def document_ids(text: str, digest: str, tokenizer, eos: int, fim=None, fim_rate
                  fim_seed: int = 0) -> tuple[list[int], bool]:
     """(ids + EOS, whether FIM-transformed). With FIM tokens, a `fim_rate` share of documents (a draw seeded by
     the document's hash, so rebuilds agree) is cut at two uniform character positions and laid out in PSM order:
-    <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle EOS (DESIGN §2)."""
+    <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle EOS (docs/design.md §2.8)."""
     from diffcoder.fim import fim_ids, fim_split
 
     rng = random.Random(f"fim-{fim_seed}-{digest}")

@@ -2,15 +2,43 @@
 
 Each decoder layer is its own FSDP unit (parameters gathered just in time, gradients reduce-scattered), the
 root holds embeddings, final norm and head. A checkpoint stores the sharded model + optimizer with
-`torch.distributed.checkpoint` under `step_N/dcp/` and, gathered on rank 0, the DESIGN §4 model files beside it
+`torch.distributed.checkpoint` under `step_N/dcp/` and, gathered on rank 0, the docs/design.md §4 model files beside it
 so every checkpoint stays loadable by `diffcoder.load` and `transformers`.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def shard_model(model) -> None:
@@ -30,7 +58,7 @@ def save_distributed(trainer, dest: Path) -> None:
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainer.dist.rank == 0:
         from diffcoder.model import DiffusionLM
-        from diffcoder.training.trainer import write_hf_dir
+        from diffcoder.training.ckpt import write_hf_dir
 
         with torch.device("meta"):
             plain = DiffusionLM(trainer.model.config)

@@ -12,19 +12,17 @@ from dataclasses import dataclass
 
 import torch
 
-from diffcoder.model import block_causal_mask
-from diffcoder.training.objective import (
+from diffcoder.masks import block_causal_flex_mask, block_causal_mask, two_stream_flex_mask, two_stream_mask
+from diffcoder.nelbo import (
     BlockNoise,
     ScoredRows,
     ar_scored_rows,
     concat_inputs,
     diffusion_scored_rows,
-    flex_training_mask,
     forward_diffusion_hidden,
     head_loss_sum,
     logits_loss_sum,
-    training_block_mask,
-    training_position_ids,
+    two_stream_position_ids,
 )
 
 
@@ -82,37 +80,37 @@ class MicroBatchLoss:
     def diffusion_mask(self, seq_len: int):
         key = ("diffusion", seq_len)
         if key not in self._masks:
-            self._masks[key] = (flex_training_mask(seq_len, self.block_size, self.device) if self.device.type == "cuda"
-                                else training_block_mask(seq_len, self.block_size, self.device)[None, None])
+            self._masks[key] = (two_stream_flex_mask(seq_len, self.block_size, self.device) if self.device.type == "cuda"
+                                else two_stream_mask(seq_len, self.block_size, self.device)[None, None])
         return self._masks[key]
 
     def causal_mask(self, seq_len: int):
         key = ("causal", seq_len)
         if key not in self._masks:
             if self.device.type == "cuda":  # flex_attention: the causal mask without a dense [L, L] tensor
-                from torch.nn.attention.flex_attention import create_block_mask
-
-                self._masks[key] = create_block_mask(lambda b, h, q, k: k <= q, None, None, seq_len, seq_len,
-                                                     device=self.device)
+                self._masks[key] = block_causal_flex_mask(seq_len, 1, self.device)
             else:
                 pos = torch.arange(seq_len, device=self.device)
                 self._masks[key] = block_causal_mask(pos, pos, 1)[None, None]
         return self._masks[key]
 
-    def __call__(self, mb: MicroBatch) -> torch.Tensor:
+    def __call__(self, mb: MicroBatch, suppress_id: int | None = None) -> torch.Tensor:
+        """The micro-batch's loss sum; `suppress_id` (scoring only) removes that token's logit first."""
         n, length = mb.x0.shape
         if mb.masked is not None:
             mask = self.diffusion_mask(length)
             if self.full_logits:
                 inputs = concat_inputs(mb.x0, mb.masked, self.mask_id)
-                pos = training_position_ids(length, self.device)[None].expand(n, -1)
+                pos = two_stream_position_ids(length, self.device)[None].expand(n, -1)
                 return logits_loss_sum(self.model(inputs, position_ids=pos, attn_mask=mask), mb.x0, mb.scored,
-                                       mb.row_weights)
+                                       mb.row_weights, suppress_id)
             hidden = forward_diffusion_hidden(self.model, mb.x0, mb.masked, self.block_size, self.mask_id, mask)
         else:
             mask = self.causal_mask(length)
             if self.full_logits:
-                return logits_loss_sum(self.model(mb.x0, attn_mask=mask), mb.x0, mb.scored, mb.row_weights)
+                return logits_loss_sum(self.model(mb.x0, attn_mask=mask), mb.x0, mb.scored, mb.row_weights,
+                                       suppress_id)
             pos = torch.arange(length, device=self.device)[None].expand(n, -1)
             hidden = self.model.hidden_states(mb.x0, pos, mask)
-        return head_loss_sum(hidden, self.model.lm_head.weight, mb.x0, mb.scored, mb.row_weights, **self.chunk_kw)
+        return head_loss_sum(hidden, self.model.lm_head.weight, mb.x0, mb.scored, mb.row_weights,
+                             suppress_id=suppress_id, **self.chunk_kw)

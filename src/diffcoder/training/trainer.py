@@ -1,4 +1,4 @@
-"""The training loop: block-diffusion CPT or SFT (DESIGN §3) from a config, on one process or under torchrun
+"""The training loop: block-diffusion CPT or SFT (docs/design.md §3) from a config, on one process or under torchrun
 (FSDP2). Checkpoints, logs and evaluation live in their own modules; this file wires them together.
 
 Reproducibility: the rows of step s are global draws [s*G, (s+1)*G) (G = micro batch x accumulation x ranks)
@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 
 from diffcoder.checkpoint import resolve_dtype
 from diffcoder.errors import CheckpointError, ConfigError, DiffcoderError
+from diffcoder.nelbo import diffusion_nelbo, sample_block_noise, shift_eligible
 from diffcoder.training import ckpt as ckptlib
 from diffcoder.training.config import TrainConfig, validate
-from diffcoder.training.objective import eval_time_grid, sample_block_noise, shift_eligible, warmup_cap
-from diffcoder.training.step import MicroBatchLoss, ar_micro_batches, diffusion_micro_batches
+from diffcoder.training.distributed import setup_distributed
+from diffcoder.training.objective import warmup_cap
+from diffcoder.training.step import MicroBatch, MicroBatchLoss, ar_micro_batches, diffusion_micro_batches
 
 # Config keys a resumed run may change (cadence and length); anything else means "another run".
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.eval_batches",
@@ -39,29 +41,15 @@ RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.eval_every", "trai
 
 
 @dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+class StepBatches:
+    """A step's micro-batches (this rank's), the global batch's loss-eligible token count and its noise stats."""
 
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-def setup_distributed(device_kind: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    batches: list[MicroBatch]
+    count: int
+    tokens: int
+    u_max: float = 1.0
+    weighted: bool = True
+    mask_ratio: float = 0.0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -327,8 +315,8 @@ class Trainer:
 
                 save_adapter(self.model, d, self.base_path, self.tokenizer)
             else:
-                write_hf_dir(self.model, d, self.tokenizer, self.cfg.objective.kind == "diffusion",
-                             self.generation_config)
+                ckptlib.write_hf_dir(self.model, d, self.tokenizer, self.cfg.objective.kind == "diffusion",
+                                     self.generation_config)
 
         return ckptlib.write_checkpoint(self.out, self.step, write_model, self._trainer_state(),
                                         keep=self.cfg.train.keep_checkpoints, is_writer=self.dist.rank == 0,
@@ -352,7 +340,7 @@ class Trainer:
                 if self.token_rows is not None:
                     self._restore_token_rows(state.get("token_rows"))
             else:
-                load_model_weights(self.model, path)
+                ckptlib.load_model_weights(self.model, path)
             if state["optimizer"] is not None:
                 self.opt.load_state_dict(state["optimizer"])
         except (KeyError, RuntimeError, ValueError, OSError) as exc:  # damage no manifest caught (an old one)
@@ -420,56 +408,64 @@ class Trainer:
             return got
         return got, torch.ones_like(got, dtype=torch.bool)
 
-    def train_step(self) -> dict[str, Any]:
+    def step_batches(self, step: int) -> StepBatches:
+        """This rank's micro-batches of a step and what the step logs about its noise; the one place that
+        branches on the objective (diffusion: noised block by block, docs/design.md §3.2-3.4; AR: next token)."""
         c = self.cfg
-        t0 = time.perf_counter()
-        x0, elig = self.global_batch_at(self.step)
-        diffusion = c.objective.kind == "diffusion"
-        u_max = warmup_cap(self.step, c.objective.warmup_steps, c.objective.u_init) if diffusion else 1.0
-        weighted = self.step >= c.objective.warmup_steps
-        # this rank's slice of the global batch, then micro-batches
+        x0, elig = self.global_batch_at(step)
         mb = c.train.micro_batch_size
-        lo = self.dist.rank * mb * c.train.grad_accum
+        lo = self.dist.rank * mb * c.train.grad_accum  # this rank's slice of the global batch, then micro-batches
         slices = [slice(lo + a * mb, lo + (a + 1) * mb) for a in range(c.train.grad_accum)]
-        if diffusion:
-            elig = shift_eligible(elig, self.shift)
-            noise = sample_block_noise(elig, self.block_size, u_max=u_max, weighted=weighted,
-                                       generator=noise_generator(c.train.seed, self.step),
-                                       antithetic=c.objective.antithetic)
-            batches = diffusion_micro_batches(x0, noise, slices, self.block_size, self.shift, self.device)
-            count = int(elig.sum())
-        else:
-            noise = None
-            batches = ar_micro_batches(x0, elig, slices, self.device)
-            count = int(elig[:, 1:].sum())
-        count = max(count, 1)
+        weighted = step >= c.objective.warmup_steps
+        if c.objective.kind != "diffusion":
+            return StepBatches(ar_micro_batches(x0, elig, slices, self.device), max(int(elig[:, 1:].sum()), 1),
+                               x0.numel(), weighted=weighted)
+        u_max = warmup_cap(step, c.objective.warmup_steps, c.objective.u_init)
+        elig = shift_eligible(elig, self.shift)
+        noise = sample_block_noise(elig, self.block_size, u_max=u_max, weighted=weighted,
+                                   generator=noise_generator(c.train.seed, step), antithetic=c.objective.antithetic)
+        count = max(int(elig.sum()), 1)
+        return StepBatches(diffusion_micro_batches(x0, noise, slices, self.block_size, self.shift, self.device),
+                           count, x0.numel(), u_max, weighted, float(noise.masked.sum()) / count)
+
+    def forward_backward_step(self, batch: MicroBatch, count: int) -> torch.Tensor:
+        """One micro-batch: its loss sum (on the device, detached) after adding its share of the gradient."""
+        with self.autocast():
+            loss_sum = self.loss_fn(batch)
+        # x world: FSDP averages gradients over ranks, the NELBO wants their sum over the global batch
+        (loss_sum / count * self.dist.world).backward()
+        return loss_sum.detach()
+
+    def optimizer_step(self, step: int) -> float:
+        """Clip, step and zero the gradients at this step's learning rate; returns the gradient norm."""
         for lr_group in self.opt.param_groups:
-            lr_group["lr"] = lr_at(self.step, c)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in batches:  # nothing in here waits for the device
-            with self.autocast():
-                loss_sum = self.loss_fn(batch)
-            # x world: FSDP averages gradients over ranks, the NELBO wants their sum over the global batch
-            (loss_sum / count * self.dist.world).backward()
-            total += loss_sum.detach()
-        if self.dist.enabled:
-            torch.distributed.all_reduce(total)
+            lr_group["lr"] = lr_at(step, self.cfg)
         if self.token_rows is not None:
             self.token_rows.take_grad()
-        grad_norm = self._clip()  # the step's one read from the device (with the loss below)
+        grad_norm = self._clip()  # the step's one read from the device (with the loss)
         self.opt.step()
         if self.token_rows is not None:
             self.token_rows.write_back()
         self.opt.zero_grad(set_to_none=True)
-        loss = float(total) / count
+        return grad_norm
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        sb = self.step_batches(self.step)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in sb.batches:  # nothing in here waits for the device
+            total += self.forward_backward_step(batch, sb.count)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(total)
+        grad_norm = self.optimizer_step(self.step)
+        loss = float(total) / sb.count
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         self.step += 1
         return {"kind": "train", "step": self.step - 1, "loss": loss, "grad_norm": grad_norm,
-                "lr": self.opt.param_groups[0]["lr"], "u_max": u_max, "weighted": weighted,
-                "mask_ratio": float(noise.masked.sum()) / count if noise is not None else 0.0,
-                "tokens_per_s": x0.numel() / dt, "step_time_s": dt}
+                "lr": self.opt.param_groups[0]["lr"], "u_max": sb.u_max, "weighted": sb.weighted,
+                "mask_ratio": sb.mask_ratio, "tokens_per_s": sb.tokens / dt, "step_time_s": dt}
 
     def _clip(self) -> float:
         clip = self.cfg.optim.grad_clip
@@ -501,20 +497,18 @@ class Trainer:
         slices = [slice(a, a + mb) for a in range(0, x0.shape[0], mb)]
         out: dict[str, Any] = {"kind": "eval", "step": self.step}
         with self.autocast():
-            if self.mask_id is not None:
-                e = shift_eligible(elig, self.shift)
-                grid = eval_time_grid(c.train.eval_t_points)
-                nelbo = torch.zeros((), dtype=torch.float64, device=self.device)
-                for j, t in enumerate(grid):
-                    noise = sample_block_noise(e, self.block_size, generator=noise_generator(12345, j),
-                                               t=torch.full((x0.shape[0], x0.shape[1] // self.block_size), t))
-                    for batch in diffusion_micro_batches(x0, noise, slices, self.block_size, self.shift,
-                                                         self.device):
-                        nelbo += self.loss_fn(batch)
-                out["eval_nelbo"] = self._per_token(float(nelbo) / len(grid), int(e.sum()), "eval_nelbo")
+            if self.mask_id is not None:  # the NELBO of diffcoder.nelbo, this trainer placing the forwards
+                def score(x0_mb: torch.Tensor, noise_mb) -> torch.Tensor:
+                    (batch,) = diffusion_micro_batches(x0_mb, noise_mb, [slice(None)], self.block_size, self.shift,
+                                                       self.device)
+                    return self.loss_fn(batch, suppress_id=self.mask_id)
+
+                nelbo, count = diffusion_nelbo(score, x0, elig, self.block_size, self.shift,
+                                               c.train.eval_t_points, c.train.micro_batch_size)
+                out["eval_nelbo"] = self._per_token(float(nelbo), count, "eval_nelbo")
             ar = torch.zeros((), dtype=torch.float64, device=self.device)
             for batch in ar_micro_batches(x0, elig, slices, self.device):
-                ar += self.loss_fn(batch)
+                ar += self.loss_fn(batch, suppress_id=self.mask_id)
             out["eval_ar_nll"] = self._per_token(float(ar), int(elig[:, 1:].sum()), "eval_ar_nll")
         self.model.train()
         return out
@@ -610,35 +604,6 @@ def adapter_source(spec: str) -> Path:
 def _before(rec: dict[str, Any], step: int) -> bool:
     """Log records made before the checkpoint at `step` (train record k is the k-th step; eval at k after it)."""
     return rec["step"] < step if rec.get("kind") == "train" else rec["step"] <= step
-
-
-def write_hf_dir(model, dest: Path, tokenizer=None, diffusion_trained: bool = True,
-                 generation_config: dict[str, Any] | None = None) -> None:
-    """The DESIGN §4 files of `model` written into an existing directory, keeping the start point's decoding
-    defaults (`generation_config`). A diffusion-trained model decodes by default with the block size and shift it
-    was trained for (a converted AR start point defaulted to exact AR)."""
-    from diffcoder.checkpoint import save_checkpoint
-
-    defaults = dict(generation_config or {})
-    if diffusion_trained:
-        model.config.extra["diffusion_trained"] = True
-        defaults.update(block_length=model.config.block_size, shift=model.config.shift)
-    tmp = dest / ".hf"
-    save_checkpoint(model, tmp, tokenizer=tokenizer, generation_defaults=defaults)
-    for f in tmp.iterdir():
-        os.replace(f, dest / f.name)
-    tmp.rmdir()
-
-
-def load_model_weights(model, ckpt: Path) -> None:
-    from diffcoder.checkpoint import read_weights, weight_files
-
-    state = read_weights(weight_files(ckpt))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (model.config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-                              "; it was written by another run")
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, force: bool = False) -> dict[str, Any]:

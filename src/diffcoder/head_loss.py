@@ -27,9 +27,11 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _chunk(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor, want_grad: bool,
-           acc_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+           acc_dtype: torch.dtype, suppress_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sum of w * CE, dLoss/dlogits in the compute dtype or None) for one chunk of rows."""
     logits = (h @ w.t()).to(acc_dtype)
+    if suppress_id is not None:  # a token that is never a valid prediction (the mask token, when scoring)
+        logits[:, suppress_id] = -torch.inf
     lse = logits.logsumexp(-1)
     rw = row_weights.to(acc_dtype)
     loss = ((lse - logits.gather(1, targets[:, None]).squeeze(1)) * rw).sum()
@@ -51,7 +53,7 @@ def _chunk_fn(compiled: bool):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, row_weights, chunk_rows, grad_rows, compiled):
+    def forward(ctx, hidden, weight, targets, row_weights, chunk_rows, grad_rows, compiled, suppress_id):
         cdt = _compute_dtype(hidden, weight)
         acc = torch.promote_types(cdt, torch.float32)
         want_h, want_w = hidden.requires_grad, weight.requires_grad
@@ -66,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, hidden.shape[0], chunk_rows):
                 e = min(s + chunk_rows, hidden.shape[0])
                 h = hidden[s:e].to(cdt)
-                loss, g = fn(h, w, targets[s:e], row_weights[s:e], want_h or want_w, acc)
+                loss, g = fn(h, w, targets[s:e], row_weights[s:e], want_h or want_w, acc, suppress_id)
                 total += loss
                 if want_h:
                     grad_h[s:e] = g @ w
@@ -89,7 +91,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if ctx.grad_rows is not None:  # rows outside grad_rows are frozen: their gradient is exactly zero
                 full = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=gw.device)
                 gw = full.index_copy_(0, ctx.grad_rows, gw)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -100,6 +102,7 @@ def linear_cross_entropy(
     chunk_rows: int | None = None,
     grad_rows: torch.Tensor | None = None,
     compiled: bool = False,
+    suppress_id: int | None = None,
 ) -> torch.Tensor:
     """sum_i row_weights[i] * CE(hidden[i] @ weight.T, targets[i]), differentiable in hidden and weight.
 
@@ -107,10 +110,13 @@ def linear_cross_entropy(
     chunk_rows: rows per chunk (default: `default_chunk_rows(V)`). grad_rows: when only these rows of `weight`
     learn (LoRA trains the new tokens' rows of a tied embedding), the weight gradient is computed for them alone
     and is zero elsewhere. compiled: run each chunk through `torch.compile` (fuses the softmax and its gradient).
+    suppress_id: a vocabulary id whose logit is set to -inf first (scoring suppresses the mask token; the
+    training loss does not).
     """
     if chunk_rows is None or chunk_rows <= 0:
         chunk_rows = default_chunk_rows(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, row_weights, chunk_rows, grad_rows, compiled)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, row_weights, chunk_rows, grad_rows, compiled,
+                                     suppress_id)
 
 
 def full_logits_bytes(rows: int, vocab_size: int, dtype_bytes: int = 4) -> int:
