@@ -39,10 +39,10 @@ def judge(answer: str, sandbox) -> tuple[bool, str]:
     return result.passed, result.kind if not result.passed else name
 
 
-def run_one(model, tokenizer, ids: list[int], threshold: float | None, max_new_tokens: int) -> dict:
+def run_one(model, tokenizer, defaults: dict, ids: list[int], threshold: float | None, max_new_tokens: int) -> dict:
     from diffcoder.decoding import generate
 
-    kw = {k: v for k, v in model.generation_defaults.items() if k in ("block_length", "shift", "remasking")}
+    kw = {k: v for k, v in defaults.items() if k in ("block_length", "shift", "remasking")}
     t0 = time.perf_counter()
     res = generate(model, [ids], max_new_tokens=max_new_tokens, threshold=threshold, temperature=0.0,
                    eos_id=tokenizer.eos_token_id, return_result=True, **kw)
@@ -68,12 +68,13 @@ def main() -> None:
     ap.add_argument("--request", default=DEMO_REQUEST)
     ap.add_argument("--out", default="benchmarks/results/demo_threshold_sweep.json")
     args = ap.parse_args()
-    model, tokenizer = diffcoder.load(args.model)
+    loaded = diffcoder.load(args.model)
+    model, tokenizer = loaded
     ids = encode_prompt(tokenizer, args.request, chat=True)
     sandbox = Sandbox()
     rows = []
     for t in args.thresholds.split(","):
-        row = run_one(model, tokenizer, ids, None if t == "none" else float(t), args.max_new_tokens)
+        row = run_one(model, tokenizer, loaded.defaults, ids, None if t == "none" else float(t), args.max_new_tokens)
         row["correct"], row["verdict"] = judge(row["answer"], sandbox)
         rows.append(row)
         print(f"threshold {t:>5}: {row['tokens_per_forward']:.3f} tokens/forward, {row['tokens_per_second']} tok/s, "

@@ -28,7 +28,7 @@ def main() -> int:
     import uvicorn
     from playwright.sync_api import sync_playwright
 
-    from diffcoder.pull import resolve_model
+    from diffcoder.loading import resolve_model
     from diffcoder.serving import build_app
 
     app, _ = build_app(str(resolve_model(args.model)))

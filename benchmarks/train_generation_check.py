@@ -20,11 +20,10 @@ import torch
 import diffcoder
 from diffcoder.decoding import generate, generate_ar
 from diffcoder.training.data import PackedRows
-from diffcoder.training.modelio import resolve_model_path
 
 
 def score(path: str, prompts: torch.Tensor, refs: torch.Tensor, block: int, ar: bool = False) -> dict:
-    model, tok = diffcoder.load(resolve_model_path(path))
+    model, tok = diffcoder.load(path)
     if ar:  # the start point as the AR model it was trained as: greedy causal decoding, the reference ceiling
         out = generate_ar(model, prompts, max_new_tokens=refs.shape[1], eos_id=-1)
     else:

@@ -112,7 +112,7 @@ def test_merge_equals_base_plus_scaled_product_and_rows(trained):
 
 
 def test_merge_command_writes_the_same_model(trained):
-    from diffcoder.adapters import merge_adapter
+    from diffcoder.loading import merge_adapter
 
     out = merge_adapter(trained["adapter"], trained["tmp"] / "merged")
     assert not (out / "adapter_config.json").exists()

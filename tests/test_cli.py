@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import subprocess
@@ -187,6 +188,34 @@ def test_help_shows_the_defaults_and_version():
     assert "(default: 384)" in " ".join(cli("eval", "humaneval", "--help").stdout.split())
     v = cli("--version")
     assert v.returncode == 0 and v.stdout.strip() == f"diffcoder {__version__}"
+
+
+SHARED_DECODING_FLAGS = ("--max-new-tokens", "--steps", "--steps-per-block", "--block-length", "--threshold",
+                         "--temperature", "--top-k", "--top-p", "--remasking", "--shift", "--no-shift", "--seed")
+
+
+@pytest.mark.parametrize("command", [["generate"], ["demo"], ["infill"], ["serve"], ["eval", "humaneval"]])
+def test_every_decoding_command_spells_the_flags_the_same(command):
+    from diffcoder.cli import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command[0]]
+    if len(command) > 1:
+        sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[command[1]]
+    flags = {o for a in sub._actions for o in a.option_strings}
+    assert set(SHARED_DECODING_FLAGS) <= flags, set(SHARED_DECODING_FLAGS) - flags
+    args = parser.parse_args([*command, "--max-tokens", "7", *(["--out", "x"] if command[0] == "eval" else [])])
+    assert args.max_new_tokens == 7  # the old serve spelling still works, hidden from --help
+    assert "--max-tokens" not in sub.format_help()
+
+
+def test_convert_takes_the_old_block_size_spelling_hidden():
+    from diffcoder.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["convert", "a", "b", "--block-size", "8"]).block_size == 8
+    assert parser.parse_args(["convert", "a", "b", "--block-length", "2"]).block_size == 2
+    assert "--block-size" not in cli("convert", "--help").stdout
 
 
 # ------------------------------------------------------------------------------------------ data safety

@@ -99,14 +99,16 @@ def test_saved_checkpoint_loads_in_transformers_and_back(tmp_path):
     assert (cfg["mask_token_id"], cfg["block_size"], cfg["shift"]) == (3, 4, False)
     assert json.loads((path / "generation_config.json").read_text())["steps"] == 64
     hf = LlamaForCausalLM.from_pretrained(path).eval()
-    again, _ = diffcoder.load(path)
+    loaded = diffcoder.load(path)
+    again, _ = loaded
     ids = torch.randint(0, 384, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(again(ids), model(ids))
         pos = torch.arange(7)
         torch.testing.assert_close(again(ids, attn_mask=block_causal_mask(pos, pos, 1)[None, None]),
                                    hf(ids).logits, atol=1e-4, rtol=0)
-    assert again.generation_defaults["steps"] == 64
+    assert loaded.defaults["steps"] == 64 and loaded.generation_config == {
+        "steps": 64, "block_length": 4, "shift": False, "remasking": "low_confidence", "temperature": 0.0}
 
 
 def test_sharded_checkpoint_round_trip(tmp_path):

@@ -62,26 +62,29 @@ def tiny_builtin(tmp_path, monkeypatch):
 def test_default_is_the_gguf_plus_the_adapter(tiny_builtin):
     meta = json.loads((tiny_builtin["adapter"] / "diffcoder_adapter.json").read_text())
     assert meta["base"] == {"name": "smollm2-ar"}  # an adapter on a built-in names it, not its cache path
-    model, _ = diffcoder.load("smollm2")
+    loaded = diffcoder.load("smollm2")
+    model, _ = loaded
     target = pull.builtin_dir("smollm2")
     assert target.parent == tiny_builtin["home"] and (target / "model.safetensors").is_file()
-    assert model.generation_defaults["block_length"] == 4 and model.generation_defaults["shift"] is False
-    assert model.generation_defaults["threshold"] == 0.8
+    assert loaded.defaults["block_length"] == 4 and loaded.defaults["shift"] is False
+    assert loaded.defaults["threshold"] == 0.8 and loaded.path == target
+    assert not hasattr(model, "generation_defaults")  # the defaults travel with the Loaded, not on the module
     assert model.config.block_size == 4 and model.config.shift is False
     record = json.loads((target / "diffcoder_build.json").read_text())
     assert record["gguf_sha256"] == pull.GGUF_SHA256 and record["adapter_sha256"] == pull.ADAPTER_SHA256
     ids = torch.tensor([[1, 5, 9, model.config.mask_token_id, 17]])
     torch.testing.assert_close(causal_logits(model, ids), causal_logits(tiny_builtin["live"], ids),
                                atol=1e-5, rtol=0)
-    ar, _ = diffcoder.load("smollm2-ar")
-    assert ar.generation_defaults["block_length"] == 1 and ar.generation_defaults["shift"] is True
+    ar_loaded = diffcoder.load("smollm2-ar")
+    ar = ar_loaded.model
+    assert ar_loaded.defaults["block_length"] == 1 and ar_loaded.defaults["shift"] is True
     assert not torch.equal(ar.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
 
 
 def test_default_is_cached_and_rebuilt_when_the_adapter_changes(tiny_builtin, monkeypatch):
     first = pull.ensure_diffusion_default()
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    assert pull.resolve_model(None) == first and pull.resolve_model("default") == first
+    assert diffcoder.resolve_model(None) == first and diffcoder.resolve_model("default") == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
     f = tiny_builtin["adapter"] / "adapter_model.safetensors"
     sd = load_file(str(f))
@@ -131,7 +134,7 @@ def test_changed_ar_origin_is_refused_with_the_rebuild_command(tiny_builtin):
 
 def test_unknown_name_lists_the_built_ins(tiny_builtin):
     with pytest.raises(CheckpointError, match="neither a path nor a built-in name .*smollm2, smollm2-ar"):
-        pull.resolve_model("smollm3")
+        diffcoder.resolve_model("smollm3")
 
 
 # ------------------------------------------------------------------------------------------ the real default

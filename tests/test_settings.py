@@ -95,3 +95,35 @@ def test_the_decoder_itself_refuses_block_length_zero():
 
     with pytest.raises(DecodingError, match="block_length must be >= 1, got 0"):
         generate(tiny_model(), [[1, 2, 3]], block_length=0, max_new_tokens=4)
+
+
+def test_sampling_filters_are_checked_and_their_off_values_are_none():
+    s = DecodeSettings.resolve({"temperature": 0.7, "top_k": 0, "top_p": 1.0}, CKPT)
+    assert (s.top_k, s.top_p) == (None, None) and "top_k" not in s.generate_kwargs()
+    s = DecodeSettings.resolve({"temperature": 0.7, "top_k": 5, "top_p": 0.9}, CKPT)
+    assert s.generate_kwargs()["top_k"] == 5 and s.generate_kwargs()["top_p"] == 0.9
+    for bad, needle in (({"top_k": -3}, "--top-k must be a whole number"), ({"top_p": 0.0}, "--top-p must be in")):
+        with pytest.raises(DecodingError, match=needle):
+            DecodeSettings.resolve(bad, CKPT)
+    with pytest.raises(DecodingError, match="drop --top-k, or drop --ar"):
+        DecodeSettings.resolve_ar({"top_k": 5}, CKPT)
+
+
+def test_batch_key_ignores_seed_end_token_and_filters_of_greedy_rows():
+    a = DecodeSettings.resolve({"seed": 1, "top_k": 3, "eos_id": 5}, CKPT)
+    b = DecodeSettings.resolve({"seed": 2}, CKPT)
+    assert a != b and a.batch_key() == b.batch_key()
+    hot = DecodeSettings.resolve({"temperature": 0.5, "top_k": 3}, CKPT)
+    assert hot.batch_key() != DecodeSettings.resolve({"temperature": 0.5}, CKPT).batch_key()
+
+
+def test_a_defaults_layer_may_set_the_length_and_steps_per_block():
+    """A server's command line sits between the request and the checkpoint: its max_new_tokens beats the
+    checkpoint's gen_length, and its steps per block shrink to a smaller block a request asks for."""
+    layer = {**CKPT, "gen_length": 64, "steps": 64, "max_new_tokens": 10, "steps_per_block": 3}
+    s = DecodeSettings.resolve({}, layer, command="serve")
+    assert (s.max_new_tokens, s.canvas_length, s.steps_per_block) == (10, 12, 3)
+    s = DecodeSettings.resolve({"block_length": 2}, layer, command="serve")
+    assert (s.canvas_length, s.steps_per_block) == (10, 2)
+    with pytest.raises(DecodingError, match=r"^temperature \(the server's\) must be"):
+        DecodeSettings.resolve({}, {**layer, "temperature": -1}, default_label=lambda k: f"{k} (the server's)")

@@ -22,15 +22,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffcoder.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from diffcoder.checkpoint import Loaded
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -179,13 +183,25 @@ def _read_v1(adapter_dir: Path, cfg: dict[str, Any]) -> Adapter:
 # ------------------------------------------------------------------------------------------------- the base
 
 
-def resolve_base(adapter: Adapter) -> Path:
-    """The adapter's base checkpoint directory: a built-in name (built on first use) or a path."""
+def resolve_base(adapter: Adapter, resolve_name: Callable[[str], Path] | None = None) -> Path:
+    """The adapter's base checkpoint directory: a built-in name or a path.
+
+    `resolve_name` builds a built-in base on first use (`diffcoder.loading.load` passes `pull.ensure_builtin`);
+    without it a built-in base must be built already."""
     base = adapter.meta.get("base") or {}
     if base.get("name"):
-        from diffcoder.pull import resolve_model
+        from diffcoder.registry import BUILTINS, builtin_dir
 
-        return resolve_model(base["name"])
+        name = base["name"]
+        if resolve_name is not None:
+            return resolve_name(name)
+        if name not in BUILTINS:
+            raise CheckpointError(f"adapter {adapter.path} names an unknown built-in base {name!r}; known: "
+                                  f"{', '.join(BUILTINS)}")
+        if not (builtin_dir(name) / "config.json").is_file():
+            raise CheckpointError(f"the base of adapter {adapter.path}, built-in {name!r}, is not built yet; run "
+                                  f"`diffcoder pull {name}` (or load the adapter with diffcoder.load)")
+        return builtin_dir(name)
     path = Path(base.get("path", ""))
     if not path.is_absolute():
         path = (adapter.path / path).resolve() if (adapter.path / path).exists() else path
@@ -225,7 +241,7 @@ def _rebuild_hint(adapter: Adapter) -> str:
     name = (adapter.meta.get("base") or {}).get("name")
     if not name:
         return ""
-    from diffcoder.pull import builtin_dir
+    from diffcoder.registry import builtin_dir
 
     return f"; delete {builtin_dir(name)} and run `diffcoder pull {name}` to rebuild it"
 
@@ -291,22 +307,24 @@ def merge_into(model, adapter: Adapter, tokenizer=None):
     return model
 
 
-def load_with_adapter(adapter_dir: Path, dtype: torch.dtype, device):
-    """`diffcoder.load` of an adapter directory: verified base + adapter merged, and the decoding defaults."""
-    from diffcoder.checkpoint import load_hf_dir, load_tokenizer, read_generation_defaults
+def load_with_adapter(adapter_dir: Path, dtype: torch.dtype, device,
+                      resolve_name: Callable[[str], Path] | None = None) -> Loaded:
+    """`diffcoder.load` of an adapter directory: verified base + adapter merged, and the decoding defaults (the
+    base's generation_config.json, the adapter's block size and shift, then the adapter's own defaults)."""
+    from diffcoder.checkpoint import Loaded, load_hf_dir, load_tokenizer, read_generation_defaults
 
+    adapter_dir = Path(adapter_dir)
     adapter = read_adapter(adapter_dir)
-    base = resolve_base(adapter)
+    base = resolve_base(adapter, resolve_name)
     verify_base(adapter, base)
     model, tokenizer = load_hf_dir(base, dtype, device)
     if any((adapter_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = load_tokenizer(adapter_dir)
     merge_into(model, adapter, tokenizer)
-    defaults = dict(getattr(model, "generation_defaults", {}) or {})
+    defaults = read_generation_defaults(base, with_config=False)
     defaults.update({"block_length": model.config.block_size, "shift": model.config.shift})
     defaults.update(read_generation_defaults(adapter_dir))
-    model.generation_defaults = defaults
-    return model, tokenizer
+    return Loaded.of(model, tokenizer, defaults, defaults, adapter_dir)
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -331,7 +349,7 @@ def trained_rows(model) -> list[int]:
 def save_adapter(model, dest: Path, base: Path, tokenizer=None, base_name: str | None = None) -> None:
     """Write a live LoRA model's adapter into `dest` (an existing directory) in the PEFT layout + sidecar."""
     from diffcoder.checkpoint import read_config, read_generation_defaults
-    from diffcoder.pull import builtin_name_of
+    from diffcoder.registry import builtin_name_of
 
     base = Path(base).resolve()
     if base.suffix == ".gguf" or not (base / "config.json").is_file():
@@ -382,7 +400,8 @@ def write_adapter(adapter: Adapter, dest: Path, dropout: float = 0.0) -> None:
     (dest / SIDECAR).write_text(json.dumps(dict(adapter.meta, format=FORMAT), indent=2) + "\n")
 
 
-def upgrade_adapter(src: str | Path, dest: str | Path, base_name: str | None = None) -> Path:
+def upgrade_adapter(src: str | Path, dest: str | Path, base_name: str | None = None,
+                    resolve_name: Callable[[str], Path] | None = None) -> Path:
     """Rewrite an adapter of any layout we read (e.g. diffcoder-lora-v1) in the current one, weights unchanged.
 
     `base_name` names a built-in base instead of the path the old adapter recorded. The base must be at hand: its
@@ -392,7 +411,7 @@ def upgrade_adapter(src: str | Path, dest: str | Path, base_name: str | None = N
     adapter = read_adapter(src)
     if base_name:
         adapter.meta["base"] = {"name": base_name}
-    base = resolve_base(adapter)
+    base = resolve_base(adapter, resolve_name)
     verify_base(adapter, base)
     adapter.meta.setdefault("base_vocab_size", read_config(base)["vocab_size"])
     dest = Path(dest)
@@ -415,16 +434,6 @@ def load_adapter_weights(model, adapter_dir: Path) -> None:
         emb[row] = values.to(emb)
 
 
-def merge_adapter(adapter_dir: str | Path, out: str | Path) -> Path:
-    """`diffcoder merge`: base + adapter -> a full docs/design.md §4 checkpoint."""
-    import diffcoder
-    from diffcoder.checkpoint import save_checkpoint
-
-    read_adapter(Path(adapter_dir))
-    model, tok = diffcoder.load(adapter_dir)
-    return save_checkpoint(model, out, tokenizer=tok)
-
-
 __all__ = ["Adapter", "read_adapter", "resolve_base", "verify_base", "merge_into", "load_with_adapter",
-           "save_adapter", "write_adapter", "upgrade_adapter", "load_adapter_weights", "merge_adapter",
+           "save_adapter", "write_adapter", "upgrade_adapter", "load_adapter_weights",
            "base_content_hash", "is_adapter_dir", "trained_rows"]

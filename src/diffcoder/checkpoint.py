@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffcoder import manifest
-from diffcoder.errors import CheckpointError, DiffcoderError
+import diffcoder.manifest as manifest
+from diffcoder.errors import CheckpointError, ConfigError, DiffcoderError
 from diffcoder.model import DiffusionLM, ModelConfig
 from diffcoder.settings import CHECKPOINT_KEYS, DecodeSettings
 
@@ -34,6 +36,8 @@ OPTIONAL_INT_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddin
                        "mask_token_id", "bos_token_id", "pad_token_id")
 NUMBER_FIELDS = ("rope_theta", "rms_norm_eps")
 BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "shift")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
 LOAD_ADVICE = ("restore it from a copy or re-save the checkpoint; if you changed the file on purpose, accept the "
                "change with `diffcoder info {path} --rehash`")
 
@@ -94,9 +98,50 @@ def check_config_types(d: dict[str, Any], cfg_file: Path) -> None:
             raise bad(k, "true or false")
 
 
-def load_tokenizer(path: Path):
-    """The checkpoint's tokenizer through `transformers`, or None when the directory has no tokenizer files."""
+@dataclass
+class Loaded:
+    """A loaded checkpoint. Unpacks as `model, tokenizer = diffcoder.load(...)`.
+
+    `defaults`: the decoding defaults it records, what `DecodeSettings.resolve` takes (its generation_config.json,
+    then the block size and shift of its config). `generation_config`: the generation_config.json values a re-save
+    keeps (`save_checkpoint(..., generation_defaults=loaded.generation_config)`)."""
+
+    model: DiffusionLM
+    tokenizer: Any
+    defaults: dict[str, Any] = field(default_factory=dict)
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.tokenizer))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> Any:
+        return (self.model, self.tokenizer)[i]
+
+    @classmethod
+    def of(cls, model: DiffusionLM, tokenizer, recorded: dict[str, Any], generation_config: dict[str, Any],
+           path: Path | None = None) -> Loaded:
+        """`recorded` (read_generation_defaults) completed with the model config's block size and shift."""
+        cfg = model.config
+        return cls(model, tokenizer, {"block_length": cfg.block_size, "shift": cfg.shift, **recorded},
+                   dict(generation_config), path)
+
+
+def load_tokenizer(path: str | Path, required: bool = False):
+    """The tokenizer of a checkpoint directory (through `transformers`) or of a .gguf file. Without tokenizer
+    files: None, or with `required` an error naming the path."""
+    path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from diffcoder.gguf_io import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     if not any((path / f).exists() for f in TOKENIZER_FILES):
+        if required:
+            raise CheckpointError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); give a checkpoint "
+                                  "that has one (e.g. --tokenizer smollm2)")
         return None
     from transformers import AutoTokenizer
 
@@ -176,7 +221,30 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.d
     return model.eval()
 
 
-def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A torch dtype from its name (float32, bf16, ...); None: float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None, device="cpu") -> Loaded:
+    """A concrete checkpoint: a Hugging Face directory or a .gguf file (names and run directories:
+    `diffcoder.loading.resolve_model`; adapters: `diffcoder.loading.load`)."""
+    path, dtype = Path(path), resolve_dtype(dtype)
+    if path.suffix == ".gguf":
+        from diffcoder.gguf_io import load_gguf_tokenizer, read_gguf
+
+        cfg, state = read_gguf(path)
+        return Loaded.of(build_model(cfg, state, dtype, device), load_gguf_tokenizer(path), {}, {}, path)
+    return load_hf_dir(path, dtype, device)
+
+
+def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> Loaded:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; run `diffcoder pull smollm2` or give a checkpoint path")
@@ -190,9 +258,8 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
         raise
     if has_manifest:  # files that parse can still be damaged: 16 KB of weights overwritten in place
         verify_checkpoint(path)
-    # what generation_config.json says (kept on a re-save); callers decoding use read_generation_defaults(path)
-    model.generation_defaults = read_generation_defaults(path, with_config=False)
-    return model, tokenizer
+    return Loaded.of(model, tokenizer, read_generation_defaults(path),
+                     read_generation_defaults(path, with_config=False), path)
 
 
 def _build_from_dir(path: Path, dtype: torch.dtype, device):
@@ -235,11 +302,10 @@ def read_generation_defaults(path: str | Path, with_config: bool = True) -> dict
     with_config=False) the block size and shift of its config (config.json, or adapter_config.json for an adapter)
     where that file has none.
 
-    A training run directory stands for its final (or latest) checkpoint; a .gguf file records nothing. This is
-    what `DecodeSettings.resolve` takes as the checkpoint's defaults."""
-    from diffcoder import resolve_run_dir
-
-    path = resolve_run_dir(Path(path))
+    `path` is a checkpoint or adapter directory (`diffcoder.loading.resolve_model` turns a name or a training run
+    directory into one); a .gguf file records nothing. This is what `DecodeSettings.resolve` takes as the
+    checkpoint's defaults (`Loaded.defaults` holds it for a loaded model)."""
+    path = Path(path)
     if not path.is_dir():
         return {}
     out: dict[str, Any] = {}
@@ -311,15 +377,16 @@ def save_checkpoint(
     max_shard_bytes: int = 4 << 30,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write a docs/design.md §4 directory, loadable by `transformers` as LlamaForCausalLM and by `diffcoder.load`."""
+    """Write a docs/design.md §4 directory, loadable by `transformers` as LlamaForCausalLM and by `diffcoder.load`.
+
+    `generation_defaults`: the decoding defaults to record over the model config's block size and shift (to keep
+    a loaded checkpoint's, pass its `Loaded.generation_config`)."""
     path = Path(path)
     cfg = model.config
     builtin = DecodeSettings(max_new_tokens=1)
     gen: dict[str, Any] = {"block_length": cfg.block_size, "shift": cfg.shift, "remasking": builtin.remasking,
                            "temperature": builtin.temperature, "threshold": builtin.threshold}
-    # defaults the model was loaded with (e.g. a merged adapter keeps its base's), then the caller's
-    loaded = getattr(model, "generation_defaults", {}) or {}
-    gen.update({k: v for k, v in loaded.items() if k in CHECKPOINT_KEYS})
+    # the caller's: a re-save passes what the checkpoint was loaded with (`Loaded.generation_config`)
     gen.update(generation_defaults or {})
     gen_config = {k: v for k, v in gen.items() if v is not None}
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):

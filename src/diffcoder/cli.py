@@ -25,7 +25,7 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffcoder import __version__
+    from diffcoder._version import __version__
 
     parser = argparse.ArgumentParser(prog="diffcoder", description="Block-diffusion code language models.")
     parser.add_argument("--version", action="version", version=f"diffcoder {__version__}")

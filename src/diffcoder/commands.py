@@ -15,40 +15,59 @@ import torch
 from diffcoder.errors import DiffcoderError
 
 if TYPE_CHECKING:
+    from diffcoder.checkpoint import Loaded
     from diffcoder.settings import DecodeSettings
 
 DEMO_REQUEST = "Write a Python function that checks whether a string is a palindrome."
 
 
 def add_decoding_flags(p: argparse.ArgumentParser, command: str = "generate", seed_default: int | None = None,
-                       eos_flag: bool = True) -> None:
-    """Decoding flags shared by generate, demo and eval. An unset flag takes the checkpoint's value
-    (generation_config.json, then config.json), else the built-in default shown (diffcoder.settings)."""
+                       eos_flag: bool = True, gen_length_flag: bool = True) -> None:
+    """The decoding flags, spelled the same in generate, demo, infill, eval and serve (where they are the
+    defaults of requests that give none). An unset flag takes the checkpoint's value (generation_config.json,
+    then config.json), else the built-in default shown (diffcoder.settings)."""
     from diffcoder.settings import DEFAULT_MAX_NEW_TOKENS, REMASKING, DecodeSettings
 
     d = DecodeSettings(max_new_tokens=DEFAULT_MAX_NEW_TOKENS[command])
-    g = p.add_argument_group("decoding (unset: the checkpoint's generation_config.json, else the default shown)")
-    g.add_argument("--steps", type=int, help="denoising steps in total, a multiple of the number of blocks "
-                                             "(default: one token per step)")
-    g.add_argument("--gen-length", type=int, help="tokens to generate, a multiple of --block-length")
+    title = "decoding (unset: the checkpoint's generation_config.json, else the default shown)"
+    if command == "serve":
+        title = "decoding defaults for requests that give none (unset: the checkpoint's, else the default shown)"
+    g = p.add_argument_group(title)
     g.add_argument("--max-new-tokens", type=int,
-                   help=f"like --gen-length, rounded up to whole blocks, trimmed (default: {d.max_new_tokens})")
+                   help=f"tokens to generate at most; the canvas is rounded up to whole blocks and the answer "
+                        f"trimmed (default: {d.max_new_tokens})")
+    g.add_argument("--max-tokens", dest="max_new_tokens", type=int, help=argparse.SUPPRESS)  # the old serve spelling
+    if gen_length_flag:
+        g.add_argument("--gen-length", type=int, help="the exact canvas length, a multiple of --block-length "
+                                                      "(instead of --max-new-tokens)")
+    g.add_argument("--steps", type=int, help="denoising steps in total, a multiple of the number of blocks "
+                                             "(default: the checkpoint's steps per block, else one token per step)")
+    g.add_argument("--steps-per-block", type=int,
+                   help="denoising steps per block, 1 to --block-length (instead of --steps; default: as --steps)")
     g.add_argument("--block-length", type=int, help=f"block size B (default: the checkpoint's, else {d.block_length})")
-    g.add_argument("--temperature", type=float, help=f"0 = greedy (default: {d.temperature})")
-    g.add_argument("--remasking", choices=REMASKING, help=f"which slots commit first (default: {d.remasking})")
     g.add_argument("--threshold", type=threshold_value,
                    help="commit every slot with confidence >= this, in (0, 1] (parallel decoding); 'none': a fixed "
                         "number of commits per step (--steps), overriding the checkpoint's threshold "
                         "(default: the checkpoint's, else none)")
+    g.add_argument("--temperature", type=float, help=f"0 = greedy (default: {d.temperature})")
+    g.add_argument("--top-k", type=int, help="at temperature > 0, draw only from the k likeliest tokens "
+                                             "(default: 0, off)")
+    g.add_argument("--top-p", type=float, help="at temperature > 0, draw only from the likeliest tokens holding this "
+                                               "much probability, in (0, 1] (default: 1.0, off)")
+    g.add_argument("--remasking", choices=REMASKING,
+                   help=f"which slots commit first (default: {d.remasking})")
     g.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
                    help=f"logits at i-1 predict token i (Dream style / AR head; default: the checkpoint's, else "
                         f"{d.shift})")
     if eos_flag:
         g.add_argument("--eos-id", type=int, help="stop token id (-1: never stop early; default: the tokenizer's)")
-    g.add_argument("--seed", type=int, default=seed_default,
-                   help="random seed for sampling (default: "
-                        + (f"{seed_default})" if seed_default is not None else
-                           "a fresh one when sampling, printed so the run can be repeated)"))
+    if command == "serve":
+        seed_help = "seed of requests that give none (n > 1: seed + i; default: a fresh one per batch)"
+    elif seed_default is not None:
+        seed_help = f"random seed for sampling (default: {seed_default})"
+    else:
+        seed_help = "random seed for sampling (default: a fresh one when sampling, printed so the run can be repeated)"
+    g.add_argument("--seed", type=int, default=seed_default, help=seed_help)
 
 
 def threshold_value(text: str) -> float | str:
@@ -61,21 +80,19 @@ def threshold_value(text: str) -> float | str:
 
 
 def user_decoding_values(args: argparse.Namespace) -> dict:
-    """The decoding values given on the command line (None: not given)."""
-    from diffcoder.settings import DecodeSettings
+    """The decoding values given on the command line (None: not given), keyed as DecodeSettings.resolve takes them."""
+    from diffcoder.settings import KEYS
 
-    return {k: getattr(args, k, None) for k in DecodeSettings.__dataclass_fields__}
+    return {k: getattr(args, k, None) for k in KEYS}
 
 
-def decode_settings(args: argparse.Namespace, model, path: Path, command: str = "generate") -> DecodeSettings:
-    """The run's DecodeSettings: command-line values over the checkpoint's defaults, validated once."""
-    from diffcoder.checkpoint import read_generation_defaults
+def decode_settings(args: argparse.Namespace, loaded: Loaded, command: str = "generate") -> DecodeSettings:
+    """The run's DecodeSettings: command-line values over the checkpoint's defaults (`loaded.defaults`),
+    validated once."""
     from diffcoder.errors import DecodingError
     from diffcoder.settings import DecodeSettings
 
-    defaults = read_generation_defaults(path)
-    defaults.setdefault("block_length", model.config.block_size)
-    defaults.setdefault("shift", model.config.shift)
+    defaults, model, path = loaded.defaults, loaded.model, loaded.path
     if getattr(args, "ar", False):
         extra = ["--show-denoising"] if getattr(args, "show_denoising", False) else []
         return DecodeSettings.resolve_ar(user_decoding_values(args), defaults, command, extra_flags=extra)
@@ -87,8 +104,8 @@ def decode_settings(args: argparse.Namespace, model, path: Path, command: str = 
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint or adapter directory, .gguf file, or built-in name: smollm2 (the "
-                   "embedded diffusion default), smollm2-ar (its AR origin; the default with --ar)")
+    p.add_argument("--model", help="built-in name, checkpoint, adapter or training run directory, or .gguf file "
+                   "(default: smollm2, the embedded diffusion default; with --ar smollm2-ar, its AR origin)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float64 (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
 
@@ -119,35 +136,35 @@ def check_device(name: str) -> str:
 
 def model_path(args: argparse.Namespace) -> Path:
     """The checkpoint path that --model names (None: the embedded default)."""
-    from diffcoder.pull import resolve_model
+    from diffcoder.loading import resolve_model
 
     return resolve_model(model_argument(args))
 
 
 def model_argument(args: argparse.Namespace) -> str | None:
     """--model, or with --ar and no --model the AR origin: AR decoding of the AR weights is the baseline."""
-    from diffcoder.pull import AR_NAME
+    from diffcoder.registry import AR_NAME
 
     return args.model or (AR_NAME if getattr(args, "ar", False) else None)
 
 
-def load_model(args: argparse.Namespace):
-    from diffcoder import load
+def load_model(args: argparse.Namespace) -> Loaded:
+    """What --model names, loaded on --device: `model, tokenizer = load_model(args)`, with `.defaults`."""
+    from diffcoder.loading import load
 
     check_device(args.device)
-    return load(model_path(args), dtype=args.dtype, device=args.device)
+    return load(model_argument(args), dtype=args.dtype, device=args.device)
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     if tokenizer is None:
         raise DiffcoderError("this checkpoint has no tokenizer files; add them to the directory to use text prompts")
     if chat:
-        if not tokenizer.chat_template:
+        from diffcoder.chat import chat_prompt_ids, has_chat_template
+
+        if not has_chat_template(tokenizer):
             raise DiffcoderError("--chat needs a chat template, and this tokenizer has none; drop --chat")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
     return tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.bos_token_id or 0]
 
 
@@ -233,8 +250,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise DiffcoderError("empty prompt: pass it as an argument or on stdin")
-    model, tokenizer = load_model(args)
-    settings = decode_settings(args, model, model_path(args), "generate")
+    loaded = load_model(args)
+    model, tokenizer = loaded
+    settings = decode_settings(args, loaded, "generate")
     text, stats = run_generation(model, tokenizer, prompt, args, args.show_denoising, settings)
     print(text)
     if args.stats:
@@ -244,24 +262,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from diffcoder.convert import convert_checkpoint
+    from diffcoder.loading import resolve_model
     from diffcoder.outputs import check_output_dir
 
     check_output_dir(args.target, args.force, "replace it whole with the converted checkpoint")
-    out = convert_checkpoint(args.source, args.target, block_size=args.block_size, shift=args.shift, dtype=args.dtype)
+    out = convert_checkpoint(resolve_model(args.source), args.target, block_size=args.block_size, shift=args.shift, dtype=args.dtype)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from diffcoder import load, resolve_run_dir
-    from diffcoder.checkpoint import read_generation_defaults, rehash_checkpoint
+    from diffcoder.checkpoint import rehash_checkpoint
+    from diffcoder.loading import load
     from diffcoder.manifest import MANIFEST
 
     path = model_path(args)
     if args.rehash:
-        print(f"accepted the files as they are: wrote {rehash_checkpoint(resolve_run_dir(path))}", file=sys.stderr)
-    model, tokenizer = load(path)  # checks the manifest, if the checkpoint has one
-    has_manifest = path.is_dir() and (resolve_run_dir(path) / MANIFEST).is_file()
+        print(f"accepted the files as they are: wrote {rehash_checkpoint(path)}", file=sys.stderr)
+    loaded = load(path)  # checks the manifest, if the checkpoint has one
+    model, tokenizer = loaded
+    has_manifest = path.is_dir() and (path / MANIFEST).is_file()
     cfg = model.config
     info = {
         "path": str(path),
@@ -278,7 +298,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "shift": cfg.shift,
         "eos_token_id": cfg.eos_token_id,
         "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
-        "generation_defaults": read_generation_defaults(path),
+        "generation_defaults": loaded.defaults,
         "manifest": "verified (every file matches its saved size and sha256)" if has_manifest else "none",
     }
     if args.json:
@@ -297,8 +317,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args)
-    settings = decode_settings(args, model, model_path(args), "demo")
+    loaded = load_model(args)
+    model, tokenizer = loaded
+    settings = decode_settings(args, loaded, "demo")
     print(f"request: {args.request}\n", file=sys.stderr)
     if args.ar:
         print("decoding autoregressively (causal attention, one token per forward): the AR origin\n",
@@ -327,10 +348,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("convert", help="AR checkpoint (GGUF or HF) -> diffusion-ready HF directory")
-    p.add_argument("source")
-    p.add_argument("target")
-    p.add_argument("--block-length", "--block-size", dest="block_size", type=int, default=4,
+    p.add_argument("source", help="an AR checkpoint: an HF directory or a .gguf file")
+    p.add_argument("target", help="the directory to write")
+    p.add_argument("--block-length", dest="block_size", metavar="BLOCK_LENGTH", type=int, default=4,
                    help="block size B that diffusion training will target (default: 4)")
+    p.add_argument("--block-size", dest="block_size", type=int, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=False,
                    help="train with logits at i-1 predicting token i (default: off)")
     p.add_argument("--dtype", default="float32", help="(default: float32)")

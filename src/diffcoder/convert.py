@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffcoder.checkpoint import MASK_TOKEN_NAMES, find_mask_token, save_checkpoint
+from diffcoder.checkpoint import MASK_TOKEN_NAMES, find_mask_token, load_checkpoint, save_checkpoint
 from diffcoder.model import DiffusionLM
 from diffcoder.settings import DecodeSettings
 
@@ -84,16 +84,16 @@ def convert_checkpoint(
 
     `block_size`/`shift` in config.json are what diffusion training targets. Until the model has been trained for
     them, its decoding defaults (generation_config.json) stay exact AR decoding: block_length 1 with shift, which is
-    what an untrained AR head can actually do."""
-    from diffcoder import load
-
-    model, tokenizer = load(source, dtype=dtype)
-    model, tokenizer = add_mask_token(model, tokenizer)
+    what an untrained AR head can actually do. `source`: a Hugging Face directory or a .gguf file (a built-in name
+    or a training run: resolve it first with `diffcoder.loading.resolve_model`)."""
+    loaded = load_checkpoint(source, dtype=dtype)
+    model, tokenizer = add_mask_token(loaded.model, loaded.tokenizer)
     model.config.block_size = block_size
     model.config.shift = shift
     model.config.extra["diffusion_trained"] = False
     defaults = {"block_length": 1, "shift": True, "threshold": None, "remasking": DecodeSettings.remasking}
-    return save_checkpoint(model, target, tokenizer=tokenizer, generation_defaults=defaults)
+    return save_checkpoint(model, target, tokenizer=tokenizer, generation_defaults={**loaded.generation_config,
+                                                                                   **defaults})
 
 
 __all__ = ["add_mask_token", "add_special_tokens", "grow_vocab", "convert_checkpoint", "MASK_TOKEN_NAMES"]

@@ -61,7 +61,7 @@ def propose(
     logits: torch.Tensor,
     mask_id: int | None,
     temperature: float = 0.0,
-    remasking: str = "low_confidence",
+    remasking: str = REMASKING[0],
     generator: torch.Generator | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -192,13 +192,20 @@ class GenerationResult:
 
 
 def _prompts_from(input_ids, attention_mask) -> list[torch.Tensor]:
+    if hasattr(input_ids, "keys"):  # a tokenizer's output (BatchEncoding, dict): its ids and padding mask
+        if attention_mask is None and "attention_mask" in input_ids:
+            attention_mask = input_ids["attention_mask"]
+        input_ids = input_ids["input_ids"]
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if attention_mask is None:
             return [row for row in input_ids]
-        return [row[m.bool()] for row, m in zip(input_ids, attention_mask)]
-    return [torch.as_tensor(p, dtype=torch.long) for p in input_ids]
+        return [row[torch.as_tensor(m).bool()] for row, m in zip(input_ids, attention_mask)]
+    if len(input_ids) and isinstance(input_ids[0], int):  # one prompt's ids
+        input_ids, attention_mask = [input_ids], None if attention_mask is None else [attention_mask]
+    rows = [torch.as_tensor(p, dtype=torch.long) for p in input_ids]
+    return rows if attention_mask is None else [r[torch.as_tensor(m).bool()] for r, m in zip(rows, attention_mask)]
 
 
 def _nearest_multiples(value: int, of: int) -> str:
@@ -281,7 +288,7 @@ def generate(
     gen_length: int | None = None,
     block_length: int | None = None,
     temperature: float = 0.0,
-    remasking: str = "low_confidence",
+    remasking: str = REMASKING[0],
     tokenizer=None,
     shift: bool | None = None,
     threshold: float | None = None,
@@ -299,7 +306,8 @@ def generate(
 ) -> torch.Tensor | GenerationResult:
     """Decode a batch of prompts. Accepts the official call unchanged; see docs/design.md §2 for the semantics.
 
-    input_ids: [N, P] tensor (with `attention_mask` for padded rows), or a list of id lists of any lengths.
+    input_ids: [N, P] tensor (with `attention_mask` for padded rows), a list of id lists of any lengths, one
+    prompt's ids, or a tokenizer's output (a BatchEncoding or dict with input_ids and attention_mask).
     Returns [N, L] ids (prompt + generation, right-padded with EOS), or a GenerationResult with
     `return_result=True`. eos_id defaults to the tokenizer's (else the config's); -1 disables the EOS stop.
     `on_event` receives commits as they happen; `cancelled(row)` is polled between

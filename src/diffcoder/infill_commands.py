@@ -68,16 +68,16 @@ def gap(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def cmd_infill(args: argparse.Namespace) -> int:
-    from diffcoder.commands import DenoisingView, decode_settings, load_model, model_path
+    from diffcoder.commands import DenoisingView, decode_settings, load_model
     from diffcoder.fim import infill_prompt_ids, require_fim_tokens
     from diffcoder.infilling import infill
 
     prefix, suffix = gap(args)
-    model, tokenizer = load_model(args)
-    path = model_path(args)
+    loaded = load_model(args)
+    model, tokenizer = loaded
     name = args.model or "the embedded default (smollm2)"
     fim = require_fim_tokens(tokenizer, name if tokenizer is not None else f"{name} (it has no tokenizer files)")
-    settings = decode_settings(args, model, path, "generate")
+    settings = decode_settings(args, loaded, "generate")
     settings, drew = settings.with_seed()
     if drew:  # sampling without --seed: say which, so the output can be repeated
         print(f"seed: {settings.seed} (sampling; pass --seed {settings.seed} to repeat this output)", file=sys.stderr)

@@ -10,7 +10,7 @@ same prompt, cut there.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,16 +52,16 @@ class InfillResult:
                 "finish_reason": self.finish_reason, "settings": self.settings.to_dict()}
 
 
-def infill_settings(model, settings: DecodeSettings | None = None, **decoding: Any) -> DecodeSettings:
-    """Decoding values (given as a DecodeSettings or as keywords, not both) over the checkpoint's defaults."""
+def infill_settings(model, settings: DecodeSettings | None = None, defaults: Mapping[str, Any] | None = None,
+                    **decoding: Any) -> DecodeSettings:
+    """Decoding values (given as a DecodeSettings or as keywords, not both) over `defaults`, the checkpoint's
+    decoding defaults (`diffcoder.load(...).defaults`; None: only the model config's block size and shift)."""
     if settings is not None:
         if decoding:
             raise DecodingError(f"give settings= or decoding keywords ({', '.join(sorted(decoding))}), not both")
         settings.validate()
         return settings
-    defaults = dict(getattr(model, "generation_defaults", None) or {})
-    defaults.setdefault("block_length", model.config.block_size)
-    defaults.setdefault("shift", model.config.shift)
+    defaults = {"block_length": model.config.block_size, "shift": model.config.shift, **(defaults or {})}
     return DecodeSettings.resolve(decoding, defaults, "generate", label=lambda k: k)
 
 
@@ -121,23 +121,24 @@ def cut_middle(tokenizer, ids: list[int], ends: set[int], stop: Sequence[str]) -
 
 
 def infill(model, tokenizer, prefix: str, suffix: str, *, settings: DecodeSettings | None = None,
-           stop: Sequence[str] | str | None = None, on_event: Callable[[DecodeEvent], None] | None = None,
-           **decoding: Any) -> InfillResult:
+           defaults: Mapping[str, Any] | None = None, stop: Sequence[str] | str | None = None,
+           on_event: Callable[[DecodeEvent], None] | None = None, **decoding: Any) -> InfillResult:
     """Fill the gap between `prefix` and `suffix`; the result's `text` is `prefix + middle + suffix`.
 
     Decoding values go in as keywords (`max_new_tokens=64, threshold=0.9, ...`, the fields of
-    `diffcoder.settings.DecodeSettings`) or as `settings=`; unset ones take the checkpoint's defaults.
+    `diffcoder.settings.DecodeSettings`) or as `settings=`; unset ones take `defaults`, the checkpoint's
+    (`diffcoder.load(...).defaults`), else the built-in ones.
     `stop`: strings that end the middle (cut before them). `on_event`: the decoder's events, e.g. a
     `commands.DenoisingView` (positions count from the start of the FIM prompt). A checkpoint without FIM tokens
     raises `fim.NoFimTokensError`, which names how to train them in."""
-    return infill_batch(model, tokenizer, [(prefix, suffix)], settings=settings, stop=stop, on_event=on_event,
-                        **decoding)[0]
+    return infill_batch(model, tokenizer, [(prefix, suffix)], settings=settings, defaults=defaults, stop=stop,
+                        on_event=on_event, **decoding)[0]
 
 
 @torch.no_grad()
 def infill_batch(model, tokenizer, gaps: Sequence[tuple[str, str]], *, settings: DecodeSettings | None = None,
-                 stop: Sequence[str] | str | None = None, on_event: Callable[[DecodeEvent], None] | None = None,
-                 **decoding: Any) -> list[InfillResult]:
+                 defaults: Mapping[str, Any] | None = None, stop: Sequence[str] | str | None = None,
+                 on_event: Callable[[DecodeEvent], None] | None = None, **decoding: Any) -> list[InfillResult]:
     """`infill` for many (prefix, suffix) gaps decoded together in one batch (rows leave it as their middles end).
 
     Greedy rows get exactly what `infill` gives each alone; sampling rows share one random stream. Each result's
@@ -148,7 +149,7 @@ def infill_batch(model, tokenizer, gaps: Sequence[tuple[str, str]], *, settings:
         raise DecodingError("stop strings must not be empty")
     if not gaps:
         raise DecodingError("no gaps to fill: give at least one (prefix, suffix) pair")
-    settings, _ = infill_settings(model, settings, **decoding).with_seed()
+    settings, _ = infill_settings(model, settings, defaults, **decoding).with_seed()
     prompts = [infill_prompt_ids(tokenizer, prefix, suffix, fim) for prefix, suffix in gaps]
     eos = settings.eos_id if settings.eos_id is not None else tokenizer.eos_token_id
     ends = end_token_ids(fim, eos)

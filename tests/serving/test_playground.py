@@ -33,6 +33,11 @@ def test_playground_shows_the_denoising(page, server, tmp_path):
     page.goto(server.base + "/")
     page.wait_for_selector("body[data-state=ready]", timeout=20000)
     assert server.model_name in page.inner_text("#model")
+    # the remasking choices are the server's (diffcoder.settings.REMASKING), the checkpoint's default selected
+    from diffcoder.settings import REMASKING
+
+    assert page.eval_on_selector_all("#remasking option", "os => os.map(o => o.value)") == list(REMASKING)
+    assert page.input_value("#remasking") == REMASKING[0]
     prompt = "Write a function that adds two numbers."
     page.fill("#prompt", prompt)
     page.select_option("#mode", "chat")

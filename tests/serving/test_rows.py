@@ -9,7 +9,7 @@ from diffcoder.decoding import DecodeEvent
 from diffcoder.serving.engine import DecodeSettings, Row
 from diffcoder.testing import tiny_tokenizer
 
-SETTINGS = DecodeSettings(gen_length=12, steps_per_block=4, block_length=4, threshold=None,
+SETTINGS = DecodeSettings(gen_length=12, steps=12, block_length=4, threshold=None,
                           remasking="low_confidence", temperature=0.0)
 
 

@@ -61,7 +61,7 @@ def serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("flags,words", [
     (["--block-length", "4", "--steps-per-block", "9"], "--steps-per-block 9"),
     (["--steps-per-block", "9"], "--steps-per-block = 9"),  # against the checkpoint's block of 4
-    (["--max-tokens", "5000"], "--max-tokens = 5000"),  # beyond the 4096-token context
+    (["--max-new-tokens", "5000"], "--max-new-tokens = 5000"),  # beyond the 4096-token context
     (["--threshold", "1.5"], "--threshold 1.5"),
     (["--temperature", "-1"], "--temperature -1"),
     (["--max-batch", "0"], "--max-batch 0"),

@@ -51,8 +51,9 @@ def test_training_reduces_loss_and_writes_hf_checkpoint(tiny_setup, tmp_path):
     assert cfgj["architectures"] == ["LlamaForCausalLM"] and cfgj["block_size"] == 4
     # The run directory stands for its final model, which now decodes with the block size it was trained for
     # (its converted AR start point defaulted to exact AR decoding: block 1 with shift).
-    again, _ = diffcoder.load(tmp_path / "run")
-    assert again.generation_defaults["block_length"] == 4 and again.generation_defaults["shift"] is False
+    loaded = diffcoder.load(tmp_path / "run")
+    again = loaded.model
+    assert loaded.defaults["block_length"] == 4 and loaded.defaults["shift"] is False
     assert again.config.extra["diffusion_trained"] is True
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     import shutil

@@ -52,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lk.add_argument("--seq-len", type=int, default=512, help="tokens per scored sequence")
     lk.add_argument("--max-tokens", type=int, default=65536, help="score at most this many tokens")
     lk.add_argument("--t-grid", type=int, default=8, help="number of noise levels t in the fixed grid")
-    lk.add_argument("--block-length", "--block-size", dest="block_size", type=int,
-                    help="block size B (default: the checkpoint's)")
+    lk.add_argument("--block-length", dest="block_size", type=int, help="block size B (default: the checkpoint's)")
+    lk.add_argument("--block-size", dest="block_size", type=int, help=argparse.SUPPRESS)  # the old spelling
     lk.add_argument("--batch-size", type=int, default=4)
     lk.add_argument("--seed", type=int, default=0, help="seed for the masks")
     lk.add_argument("--out", help="write the result as JSON here")
@@ -92,8 +92,8 @@ def _is_eval_run(path: Path) -> bool:
 def run_benchmark(args: argparse.Namespace) -> int:
     from diffcoder.commands import check_device, model_argument
     from diffcoder.evaluation.harness import EvalConfig, format_summary, run_eval
+    from diffcoder.loading import resolve_model
     from diffcoder.outputs import check_output_dir
-    from diffcoder.pull import resolve_model
 
     if args.samples > 1 and not args.temperature:
         print("note: --samples > 1 at temperature 0 repeats the same greedy answer", file=sys.stderr)

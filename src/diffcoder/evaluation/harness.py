@@ -134,7 +134,7 @@ class _Decoder:
         self.forwards += 1  # a fallback for decoders whose events carry no forward count
 
     def __call__(self, prompts: list[list[int]], tasks: list[Task], generator: torch.Generator | None):
-        from diffcoder import decoding
+        import diffcoder.decoding as decoding
 
         n = len(prompts)
         texts = [""] * n
@@ -243,10 +243,9 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, p
 
     if pending:
         if model is None:
-            from diffcoder import load
-            from diffcoder.pull import resolve_model
+            from diffcoder.loading import load
 
-            model, tokenizer = load(resolve_model(cfg.model), dtype=cfg.dtype, device=cfg.device)
+            model, tokenizer = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
         if tokenizer is None:
             raise ConfigError(f"{cfg.model} has no tokenizer files; the benchmarks need text prompts")
         decoder = _Decoder(model, tokenizer, cfg)

@@ -27,8 +27,9 @@ from diffcoder.serving.metrics import CONTENT_TYPE
 from diffcoder.serving.parsing import parse_request, read_body
 from diffcoder.serving.prompts import PromptBuilder
 from diffcoder.serving.responses import Job, answer, error_response, stream
-from diffcoder.serving.schemas import APIError, ChatRequest, CompletionRequest, resolve_settings, stop_list
+from diffcoder.serving.schemas import APIError, ChatRequest, CompletionRequest, request_settings, stop_list
 from diffcoder.serving.tokens import TokenText
+from diffcoder.settings import REMASKING
 
 log = logging.getLogger("diffcoder.serving")
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
@@ -115,12 +116,13 @@ class Service:
 
         rows = []
         kind, extra = (Row, {}) if fim is None else (InfillRow, {"end_ids": fim.end_ids})
+        seed = req.seed if req.seed is not None else self.defaults.get("seed")  # the server's --seed
         for pi, ids in enumerate(prompts):
-            settings, max_tokens = resolve_settings(req, self.defaults, len(ids), self.context, self.config.block_size)
+            settings = request_settings(req, self.defaults, len(ids), self.context)
             for j in range(req.n):
-                rows.append(kind(ids, settings, max_tokens, stops, sink_for(pi * req.n + j), self.engine.tokenizer,
-                                 self.engine.eos_id, events=req.diffusion_events and req.stream,
-                                 seed=None if req.seed is None else req.seed + j, logprobs=req.top_logprobs_wanted,
+                rows.append(kind(ids, settings, settings.new_tokens, stops, sink_for(pi * req.n + j),
+                                 self.engine.tokenizer, self.engine.eos_id, events=req.diffusion_events and req.stream,
+                                 seed=None if seed is None else seed + j, logprobs=req.top_logprobs_wanted,
                                  **extra))
         return rows
 
@@ -149,12 +151,12 @@ class Service:
         """Decoding defaults, for the playground's settings form."""
         d = dict(self.defaults)
         probe = CompletionRequest(model=self.model_name, prompt="x")
-        settings, max_tokens = resolve_settings(probe, self.defaults, 1, self.context, self.config.block_size)
+        settings = request_settings(probe, self.defaults, 1, self.context)
         d.update(block_length=settings.block_length, steps_per_block=settings.steps_per_block,
-                 max_tokens=max_tokens, remasking=settings.remasking, temperature=settings.temperature,
+                 max_tokens=settings.new_tokens, remasking=settings.remasking, temperature=settings.temperature,
                  threshold=settings.threshold)
         tok, mask = self.engine.tokenizer, self.engine.mask_id
-        return {"model": self.model_name, "max_model_len": self.context, "defaults": d,
+        return {"model": self.model_name, "max_model_len": self.context, "defaults": d, "remasking": list(REMASKING),
                 "chat": self.prompts.has_chat_template,
                 "infill": self.prompts.fim.to_dict() if self.prompts.fim is not None else None,
                 "mask_token": tok.convert_ids_to_tokens(mask if mask is not None else self.config.mask_token_id)}
@@ -172,9 +174,12 @@ async def supervise(engine: Engine, on_fatal: Callable[[str], None] | None) -> N
 def create_app(engine: Engine, model_name: str, defaults: dict[str, Any] | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
     """The FastAPI app serving `engine`'s model as `model_name`. `defaults`: decoding defaults (the
-    checkpoint's generation_config.json with command-line overrides). `on_fatal(reason)` is called when the
+    checkpoint's, with command-line overrides: `schemas.server_defaults`; none: the model config's block size and
+    shift). `on_fatal(reason)` is called when the
     decoder cannot be kept running (the serve command then exits non-zero)."""
-    service = Service(engine, model_name, dict(defaults or {}), max_body_bytes)
+    cfg = engine.model.config
+    defaults = {"block_length": cfg.block_size, "shift": cfg.shift, **(defaults or {})}
+    service = Service(engine, model_name, defaults, max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -17,6 +17,8 @@ from diffcoder.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from diffcoder.commands import add_decoding_flags
+
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API with a web playground",
         description="Serve a checkpoint: GET /v1/models, POST /v1/completions, POST /v1/chat/completions "
@@ -26,27 +28,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port; default 8000)")
     p.add_argument("--max-batch", type=int, default=8,
-                   help="most rows decoded together (1 disables batching)")
+                   help="most rows decoded together (1 disables batching; default 8)")
     p.add_argument("--max-queue", type=int, default=64,
-                   help="most rows waiting for a batch; beyond it requests get 429 with Retry-After")
+                   help="most rows waiting for a batch; beyond it requests get 429 with Retry-After (default 64)")
     p.add_argument("--batch-wait-ms", type=float, default=20.0,
                    help="an idle decoder waits this long for more requests before starting a batch (default 20)")
     p.add_argument("--max-body-mb", type=float, default=8.0,
                    help="largest request body in MiB; larger ones get 413 (default 8)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float64")
-    p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1, ...; default: cpu)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     p.add_argument("--mask-id", type=int, default=None,
-                   help="mask token id for a checkpoint without one (an unused id; for experiments only)")
-    g = p.add_argument_group("decoding defaults (override the checkpoint's generation_config.json)")
-    g.add_argument("--max-tokens", type=int, default=None, help="max_tokens when a request gives none")
-    g.add_argument("--block-length", type=int, default=None)
-    g.add_argument("--steps-per-block", type=int, default=None,
-                   help="denoising steps per block, 1..block length (block length = one token per step)")
-    g.add_argument("--threshold", type=float, default=None, help="confidence threshold for parallel commits")
-    g.add_argument("--remasking", choices=["low_confidence", "random"], default=None)
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--log-level", default="info")
+                   help="mask token id for a checkpoint without one (an unused id; for experiments only; default: the "
+                        "checkpoint's)")
+    p.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
+    add_decoding_flags(p, "serve", eos_flag=False, gen_length_flag=False)
     p.set_defaults(func=run)
 
 
@@ -63,13 +59,15 @@ def check_flags(args: argparse.Namespace) -> None:
          "must be 0 or more")
     need(math.isfinite(args.max_body_mb) and args.max_body_mb > 0, "--max-body-mb", args.max_body_mb,
          "must be more than 0")
-    for flag, value in (("--max-tokens", args.max_tokens), ("--block-length", args.block_length),
-                        ("--steps-per-block", args.steps_per_block)):
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--block-length", args.block_length),
+                        ("--steps", args.steps), ("--steps-per-block", args.steps_per_block)):
         need(value is None or value >= 1, flag, value, "must be at least 1")
     if args.steps_per_block is not None and args.block_length is not None:
         need(args.steps_per_block <= args.block_length, "--steps-per-block", args.steps_per_block,
              f"must be at most --block-length ({args.block_length}): more steps than slots commit nothing")
-    need(args.threshold is None or 0 < args.threshold <= 1, "--threshold", args.threshold, "must be in (0, 1]")
+    need(args.threshold in (None, "none") or 0 < args.threshold <= 1, "--threshold", args.threshold,
+         "must be in (0, 1], or none")
+    # the API takes temperatures up to 2 (as OpenAI does): a default beyond it would be one no request could give
     need(args.temperature is None or 0 <= args.temperature <= 2, "--temperature", args.temperature,
          "must be from 0 (greedy) to 2")
     need(args.mask_id is None or args.mask_id >= 0, "--mask-id", args.mask_id, "must be a token id (0 or more)")
@@ -117,25 +115,25 @@ def bind(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from diffcoder.pull import resolve_model
-    from diffcoder.serving import build_app
+    from diffcoder.commands import user_decoding_values
+    from diffcoder.loading import resolve_model
+    from diffcoder.serving import build_app, default_served_name
 
     check_flags(args)
     check_device(args.device)
     sock = bind(args.host, args.port)
     fatal: list[str] = []
     try:
-        model = str(resolve_model(args.model))
-        overrides = {"max_tokens": args.max_tokens, "block_length": args.block_length,
-                     "steps_per_block": args.steps_per_block, "threshold": args.threshold,
-                     "remasking": args.remasking, "temperature": args.temperature}
+        model = str(resolve_model(args.model))  # errors before anything is loaded
+        name = args.served_model_name or default_served_name(args.model or model)
+        overrides = user_decoding_values(args)
 
         def on_fatal(reason: str) -> None:
             fatal.append(reason)
             server.should_exit = True
 
         app, engine = build_app(model, max_batch=args.max_batch, max_queue=args.max_queue, dtype=args.dtype,
-                                served_name=args.served_model_name, mask_id=args.mask_id, overrides=overrides,
+                                served_name=name, mask_id=args.mask_id, overrides=overrides,
                                 batch_wait=args.batch_wait_ms / 1000, device=args.device,
                                 max_body_bytes=int(args.max_body_mb * 2**20), on_fatal=on_fatal)
         host, port = sock.getsockname()[:2]

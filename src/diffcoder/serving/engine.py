@@ -1,7 +1,8 @@
 """The decoding engine behind the server: a bounded queue of rows and one worker thread that decodes them.
 
 A *row* is one sequence to generate (one choice of one prompt). The worker takes the oldest waiting row,
-gathers every waiting row with the same batch-wide settings (up to `max_batch`), and decodes them together
+gathers every waiting row with the same batch-wide settings (`DecodeSettings.batch_key`, up to `max_batch`), and
+decodes them together
 with `diffcoder.decoding.generate`. Rows leave a batch between blocks (EOS, stop string, max_tokens, or a
 client that went away); new rows join at the next batch. The asyncio side only queues rows and reads their
 output through a thread-safe `sink` callback.
@@ -15,7 +16,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,27 +23,9 @@ import torch
 from diffcoder.decoding import DecodeEvent, generate
 from diffcoder.errors import DiffcoderError
 from diffcoder.serving.metrics import Metrics
+from diffcoder.settings import DecodeSettings
 
 log = logging.getLogger("diffcoder.serving")
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """Settings that every row of a batch must share (the decoder runs them in lock step)."""
-
-    gen_length: int  # canvas length in tokens, a multiple of block_length
-    steps_per_block: int
-    block_length: int
-    threshold: float | None
-    remasking: str
-    temperature: float
-    shift: bool | None = None
-    top_k: int | None = None  # sampling filters (temperature > 0 only)
-    top_p: float | None = None
-
-    @property
-    def steps(self) -> int:
-        return self.steps_per_block * (self.gen_length // self.block_length)
-
 
 class QueueFull(Exception):
     def __init__(self, retry_after: int) -> None:
@@ -68,6 +50,7 @@ class Row:
                  logprobs: int | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.settings = settings
+        self.batch_key = settings.batch_key()  # rows decoded together share it
         self.max_tokens = max_tokens
         self.stop = stop
         self.sink = sink
@@ -318,8 +301,8 @@ class Engine:
                     deadline = time.monotonic() + self.batch_wait
                     while len(self._pending) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                         self._cond.wait(timeout=left)
-            key = self._pending[0].settings
-            batch = [r for r in self._pending if r.settings == key][: self.max_batch]
+            key = self._pending[0].batch_key
+            batch = [r for r in self._pending if r.batch_key == key][: self.max_batch]
             taken = set(map(id, batch))
             self._pending = deque(r for r in self._pending if id(r) not in taken)
             self.metrics.queue_depth.set(len(self._pending))
@@ -336,7 +319,7 @@ class Engine:
 
     def _generator(self, batch: list[Row]) -> torch.Generator | None:
         """One random generator for a sampling batch, seeded by its first row (any int64 seed; none: random)."""
-        if batch[0].settings.temperature <= 0:
+        if not batch[0].batch_key.sampling:
             return None
         seed = batch[0].seed
         gen = torch.Generator(device=self.model.device)
@@ -344,7 +327,7 @@ class Engine:
         return gen
 
     def _run_batch(self, batch: list[Row]) -> None:
-        s = batch[0].settings
+        s = batch[0].batch_key
         want = [r.logprobs for r in batch if r.logprobs is not None]
         self.metrics.active_rows.set(len(batch))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in batch))
@@ -356,7 +339,7 @@ class Engine:
             elif ev.kind == "commit":
                 row.on_commit(ev)
             elif ev.kind == "done":
-                if row.cancelled and row.finish_reason is None and row.decoded < s.gen_length:
+                if row.cancelled and row.finish_reason is None and row.decoded < s.canvas_length:
                     self.metrics.cancelled_rows.inc()  # dropped before its canvas was complete
                 row.finalize()
                 self.metrics.active_rows.set(sum(not r.finalized for r in batch))
@@ -366,12 +349,14 @@ class Engine:
 
         t0 = time.perf_counter()
         try:
+            # the whole canvas: each row trims its own answer (max_tokens, EOS, stop strings)
+            kw = {k: v for k, v in s.generate_kwargs().items() if k != "max_new_tokens"}
             result = generate(
-                self.model, [r.prompt_ids for r in batch], steps=s.steps, gen_length=s.gen_length,
-                block_length=s.block_length, temperature=s.temperature, remasking=s.remasking,
-                threshold=s.threshold, shift=s.shift, eos_id=self.eos_id, mask_id=self.mask_id,
-                tokenizer=self.tokenizer, on_event=on_event, cancelled=cancelled, generator=self._generator(batch),
-                return_result=True, top_k=s.top_k, top_p=s.top_p, logprobs=max(want) if want else None,
+                self.model, [r.prompt_ids for r in batch], **{**kw, "gen_length": s.canvas_length,
+                                                             "steps": s.total_steps},
+                eos_id=self.eos_id, mask_id=self.mask_id, tokenizer=self.tokenizer, on_event=on_event,
+                cancelled=cancelled, generator=self._generator(batch), return_result=True,
+                logprobs=max(want) if want else None,
             )
             self.metrics.observe_batch(len(batch), result.forwards, sum(len(r.ids) for r in batch), result.steps)
         except Exception as exc:  # a failing batch answers its own rows and leaves the server running

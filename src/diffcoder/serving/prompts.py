@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffcoder.chat import chat_prompt_ids, has_chat_template
 from diffcoder.fim import FimTokens, find_fim_tokens, infill_prompt_ids, require_fim_tokens
 from diffcoder.serving.schemas import APIError, ChatRequest, CompletionRequest
 
@@ -37,7 +38,7 @@ class PromptBuilder:
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+        return has_chat_template(self.tokenizer)
 
     def _fits(self, n_chars: int, param: str) -> None:
         if n_chars > self.max_chars:
@@ -59,8 +60,7 @@ class PromptBuilder:
                            param="messages")
         msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
         self._fits(sum(len(m["content"]) for m in msgs), "messages")
-        text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return self._ids(self.tokenizer(text, add_special_tokens=False)["input_ids"], "messages")
+        return self._ids(chat_prompt_ids(self.tokenizer, msgs), "messages")
 
     def completion(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt

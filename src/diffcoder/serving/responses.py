@@ -173,7 +173,7 @@ class _Chunks:
 
 def _start_event(i: int, r: Row) -> str:
     s = r.settings
-    return sse({"type": "start", "index": i, "prompt_tokens": len(r.prompt_ids), "gen_length": s.gen_length,
+    return sse({"type": "start", "index": i, "prompt_tokens": len(r.prompt_ids), "gen_length": s.canvas_length,
                 "max_tokens": r.max_tokens, "block_length": s.block_length, "steps_per_block": s.steps_per_block,
                 "threshold": s.threshold, "remasking": s.remasking, "temperature": s.temperature}, event="diffusion")
 

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from diffcoder.serving.engine import DecodeSettings
+from diffcoder.errors import ConfigError
+from diffcoder.settings import DecodeSettings, SettingError, flag_name
 
 
 class APIError(Exception):
@@ -75,7 +76,7 @@ class DiffusionFields(BaseModel):
     steps_per_block: int | None = Field(default=None, ge=1)
     block_length: int | None = Field(default=None, ge=1, le=1024)
     threshold: float | None = Field(default=None, gt=0.0, le=1.0)
-    remasking: Literal["low_confidence", "random"] | None = None
+    remasking: str | None = None  # checked by DecodeSettings (diffcoder.settings.REMASKING)
     # documented extension: also stream per-commit events (SSE event name "diffusion"); off by default
     diffusion_events: bool = False
 
@@ -137,93 +138,75 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def resolve_settings(req: DiffusionFields, defaults: dict[str, Any], prompt_len: int, context: int,
-                     native_block: int) -> tuple[DecodeSettings, int]:
-    """(batch-wide settings, max_tokens) for one prompt, with the checkpoint's defaults filled in.
+# Request fields named differently from the DecodeSettings key they set.
+FIELD_OF = {"max_new_tokens": "max_tokens"}
 
-    Defaults: block_length and temperature/threshold/remasking from generation_config.json; steps per block
-    from its steps and gen_length (steps / (gen_length / block_length)), else one token per step."""
-    B = req.block_length or int(defaults.get("block_length") or native_block)
-    temperature = req.temperature if req.temperature is not None else float(defaults.get("temperature") or 0.0)
-    threshold = req.threshold if "threshold" in req.model_fields_set else defaults.get("threshold")
-    remasking = req.remasking or defaults.get("remasking") or "low_confidence"
-    if remasking not in ("low_confidence", "random"):
-        raise APIError(400, f"remasking must be 'low_confidence' or 'random', got {remasking!r}", param="remasking")
 
-    max_tokens = req.max_tokens or req.max_completion_tokens
-    room = context - prompt_len
+def field_of(key: str) -> str:
+    return FIELD_OF.get(key, key)
+
+
+def request_settings(req: DiffusionFields, defaults: dict[str, Any], prompt_len: int,
+                     context: int) -> DecodeSettings:
+    """One prompt's settings: the request's values over the server's defaults (`server_defaults`), through
+    `DecodeSettings.resolve`; a value that cannot work, or a canvas beyond the context, is a 400 naming its field.
+
+    The answer is `settings.new_tokens` tokens at most (the canvas is rounded up to whole blocks). Without
+    max_tokens, the default length shrinks to what the context leaves after the prompt."""
+    user = {"max_new_tokens": req.max_tokens or req.max_completion_tokens, "steps": req.steps,
+            "steps_per_block": req.steps_per_block, "block_length": req.block_length,
+            "temperature": req.temperature, "remasking": req.remasking, "top_p": req.top_p,
+            # -1 is OpenAI's "off" for top_k; an explicit null threshold: none, over the checkpoint's
+            "top_k": None if req.top_k == -1 else req.top_k,
+            "threshold": "none" if "threshold" in req.model_fields_set and req.threshold is None else req.threshold}
+    settings = _resolve(user, defaults)
+    B, room = settings.block_length, context - prompt_len
     if room < B:
         raise APIError(400, f"the prompt has {prompt_len} tokens, which leaves no room to generate in the model's "
                        f"{context}-token context; shorten the prompt", param="prompt",
                        code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = min(int(defaults.get("max_tokens") or defaults.get("gen_length") or 128), room // B * B)
-    gen_length = -(-max_tokens // B) * B  # the canvas covers whole blocks; the answer is trimmed
-    if prompt_len + gen_length > context:
-        raise APIError(400, f"max_tokens={max_tokens} (a canvas of {gen_length} tokens in blocks of {B}) plus the "
-                       f"prompt ({prompt_len} tokens) exceeds the model's context of {context} tokens; use "
-                       f"max_tokens <= {room // B * B}", param="max_tokens", code="context_length_exceeded")
-    n_blocks = gen_length // B
-    if req.steps is not None and req.steps_per_block is not None:
-        raise APIError(400, "give either steps or steps_per_block, not both", param="steps")
-    if req.steps is not None:
-        if req.steps % n_blocks:
-            lo = max(n_blocks, req.steps // n_blocks * n_blocks)
-            raise APIError(400, f"steps ({req.steps}) must be a multiple of the number of blocks ({n_blocks} = "
-                           f"ceil(max_tokens / block_length)) so every block gets the same steps; try steps={lo} "
-                           f"or pass steps_per_block", param="steps")
-        S = req.steps // n_blocks
-    elif req.steps_per_block is not None:
-        S = req.steps_per_block
-    elif defaults.get("steps_per_block"):
-        S = min(B, int(defaults["steps_per_block"]))
-    elif defaults.get("steps") and defaults.get("gen_length"):
-        S = min(B, max(1, round(int(defaults["steps"]) * B / int(defaults["gen_length"]))))
-    else:
-        S = B
-    if not 1 <= S <= B:
-        raise APIError(400, f"steps per block must be between 1 and block_length ({B}), got {S}; more steps than "
-                       f"slots commit nothing", param="steps_per_block" if req.steps is None else "steps")
-    shift = defaults.get("shift")
-    sampling = temperature > 0  # the filters change nothing for greedy decoding: keep such rows in one batch
-    top_k = req.top_k if sampling and req.top_k and req.top_k > 0 else None
-    top_p = req.top_p if sampling and req.top_p is not None and req.top_p < 1.0 else None
-    settings = DecodeSettings(gen_length=gen_length, steps_per_block=S, block_length=B, threshold=threshold,
-                              remasking=remasking, temperature=float(temperature),
-                              shift=None if shift is None else bool(shift), top_k=top_k, top_p=top_p)
-    return settings, max_tokens
+    if prompt_len + settings.canvas_length <= context:
+        return settings
+    if user["max_new_tokens"] is None:  # the default length, cut to the room left
+        return _resolve({**user, "max_new_tokens": room // B * B}, defaults)
+    raise APIError(400, f"max_tokens={settings.new_tokens} (a canvas of {settings.canvas_length} tokens in blocks of "
+                   f"{B}) plus the prompt ({prompt_len} tokens) exceeds the model's context of {context} tokens; use "
+                   f"max_tokens <= {room // B * B}", param="max_tokens", code="context_length_exceeded")
 
 
-FLAGS = {"max_tokens": "--max-tokens", "block_length": "--block-length", "steps_per_block": "--steps-per-block",
-         "threshold": "--threshold", "remasking": "--remasking", "temperature": "--temperature"}
+def _resolve(user: dict[str, Any], defaults: dict[str, Any]) -> DecodeSettings:
+    try:
+        return DecodeSettings.resolve(user, defaults, "serve", label=field_of,
+                                      default_label=lambda k: f"the server's default {k}")
+    except SettingError as exc:
+        raise APIError(400, str(exc), param=field_of(exc.key or "")) from None
 
 
-def check_defaults(defaults: dict[str, Any], overrides: dict[str, Any], context: int, native_block: int) -> None:
-    """Refuse decoding defaults no request could use, at start-up, naming the flag (or generation_config.json
-    key) to change. `overrides`: the values that came from the command line."""
-    from diffcoder.errors import ConfigError
+def server_defaults(checkpoint: dict[str, Any], flags: dict[str, Any], context: int) -> dict[str, Any]:
+    """The defaults requests start from: the command line's decoding flags over the checkpoint's defaults
+    (`read_generation_defaults`). Checked at start-up, each refusal naming the flag (or generation_config.json
+    key) to change. A checkpoint's gen_length becomes the default max_tokens (a request's canvas is rounded up to
+    whole blocks); --steps becomes steps per block (a request's canvas has its own number of blocks)."""
+    given = {k: v for k, v in flags.items() if v is not None}
 
     def name(key: str) -> str:
-        return FLAGS[key] if overrides.get(key) is not None else f"{key} (generation_config.json)"
+        return flag_name(key) if key in given else f"{key} (generation_config.json)"
 
-    def refuse(key: str, why: str) -> None:
-        raise ConfigError(f"{name(key)} = {defaults[key]!r}: {why}")
-
-    B = defaults.get("block_length") or native_block
-    if "block_length" in defaults and not (isinstance(B, int) and 1 <= B < context):
-        refuse("block_length", f"must be an integer from 1 to {context - 1} (the model's context)")
-    S = defaults.get("steps_per_block")
-    if S is not None and not (isinstance(S, int) and 1 <= S <= B):
-        refuse("steps_per_block", f"must be an integer from 1 to the block length ({B}); more steps than slots "
-                                  f"commit nothing")
-    m = defaults.get("max_tokens")
-    if m is not None and not (isinstance(m, int) and 1 <= m <= context - 1):
-        refuse("max_tokens", f"must be an integer from 1 to {context - 1} (the model's context less one prompt token)")
-    t = defaults.get("threshold")
-    if t is not None and not (isinstance(t, int | float) and 0 < t <= 1):
-        refuse("threshold", "must be in (0, 1]: the confidence a slot needs to be committed early")
-    temp = defaults.get("temperature")
-    if temp is not None and not (isinstance(temp, int | float) and 0 <= temp <= 2):
-        refuse("temperature", "must be from 0 (greedy) to 2")
-    if defaults.get("remasking", "low_confidence") not in ("low_confidence", "random"):
-        refuse("remasking", "must be 'low_confidence' or 'random'")
+    try:
+        settings = DecodeSettings.resolve(given, checkpoint, "serve")
+    except SettingError as exc:
+        key = exc.key or ""
+        value = given.get(key, checkpoint.get(key))
+        raise ConfigError(f"{name(key)} = {value!r}: {exc}" if key else str(exc)) from None
+    if settings.canvas_length + 1 > context:
+        key = "max_new_tokens" if "max_new_tokens" in given else "gen_length"
+        raise ConfigError(f"{name(key)} = {settings.new_tokens}: a canvas of {settings.canvas_length} tokens and "
+                          f"one prompt token exceed the model's context of {context} tokens; use at most "
+                          f"{(context - 1) // settings.block_length * settings.block_length}")
+    defaults = {**checkpoint, **given}
+    if "max_new_tokens" not in given and checkpoint.get("gen_length") is not None:
+        defaults["max_new_tokens"] = checkpoint["gen_length"]
+    if "steps" in given:
+        defaults["steps_per_block"] = settings.steps_per_block
+        del defaults["steps"]
+    return defaults

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from diffcoder import manifest
+import diffcoder.manifest as manifest
 from diffcoder.errors import CheckpointError
 
 STATE_FILE = "trainer_state.pt"
@@ -200,15 +200,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_hf_dir(model, dest: Path, tokenizer=None, diffusion_trained: bool = True) -> None:
-    """The docs/design.md §4 files of `model` written into an existing directory. A diffusion-trained model decodes by
-    default with the block size and shift it was trained for (a converted AR start point defaulted to exact AR)."""
+def write_hf_dir(model, dest: Path, tokenizer=None, diffusion_trained: bool = True,
+                 generation_config: dict[str, Any] | None = None) -> None:
+    """The docs/design.md §4 files of `model` written into an existing directory, keeping the start point's
+    decoding defaults (`generation_config`, from `load_start_model`). A diffusion-trained model decodes by default
+    with the block size and shift it was trained for (a converted AR start point defaulted to exact AR)."""
     from diffcoder.checkpoint import save_checkpoint
 
-    defaults = None
+    defaults = dict(generation_config or {})
     if diffusion_trained:
         model.config.extra["diffusion_trained"] = True
-        defaults = {"block_length": model.config.block_size, "shift": model.config.shift}
+        defaults.update(block_length=model.config.block_size, shift=model.config.shift)
     tmp = dest / ".hf"
     save_checkpoint(model, tmp, tokenizer=tokenizer, generation_defaults=defaults)
     for f in tmp.iterdir():

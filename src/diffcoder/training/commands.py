@@ -110,7 +110,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from diffcoder.adapters import merge_adapter
+    from diffcoder.loading import merge_adapter
     from diffcoder.outputs import check_output_dir
 
     check_output_dir(args.out, args.force, "replace it with the merged checkpoint")

@@ -273,7 +273,7 @@ def validate(cfg: TrainConfig, block_size: int | None = None) -> None:
             raise ConfigError(f"unknown lora.targets {bad}; choose from {LORA_TARGETS}")
     elif c.lora.init_from:
         raise ConfigError("lora.init_from needs lora.enabled=true")
-    from diffcoder import DTYPES
+    from diffcoder.checkpoint import DTYPES
 
     if c.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype {c.model.dtype!r} is not one of {', '.join(DTYPES)}")

@@ -164,20 +164,12 @@ def tokenizer_fingerprint(tokenizer, vocab_size: int | None = None) -> str:
 
 
 def load_tokenizer(spec: str):
-    """A tokenizer from a checkpoint directory, a .gguf file, or 'default' (the embedded default model)."""
-    from diffcoder.training.modelio import resolve_model_path
+    """The tokenizer of what `spec` names (`diffcoder.loading.resolve_model`: a built-in name, a checkpoint, adapter
+    or run directory, a .gguf file); an error when it has none."""
+    from diffcoder.checkpoint import load_tokenizer as load_checkpoint_tokenizer
+    from diffcoder.loading import resolve_model
 
-    path = resolve_model_path(spec)
-    if path.suffix == ".gguf":
-        from diffcoder.gguf_io import load_gguf_tokenizer
-
-        return load_gguf_tokenizer(path)
-    from diffcoder.checkpoint import load_tokenizer as load_dir_tokenizer
-
-    tok = load_dir_tokenizer(path)
-    if tok is None:
-        raise DiffcoderError(f"{path} has no tokenizer files; pass --tokenizer with a checkpoint that has one")
-    return tok
+    return load_checkpoint_tokenizer(resolve_model(spec), required=True)
 
 
 def is_held_out(digest: str, val_fraction: float) -> bool:
@@ -473,14 +465,12 @@ def tokenize_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int],
     assistant turn plus the generation prompt; the response is that turn's content through its EOS."""
     if not messages or messages[-1].get("role") != "assistant":
         raise DiffcoderError("an SFT sample's `messages` must end with an assistant turn")
-    if getattr(tokenizer, "chat_template", None) is None:
+    from diffcoder.chat import chat_prompt_ids, has_chat_template
+
+    if not has_chat_template(tokenizer):
         raise DiffcoderError("the tokenizer has no chat template; SFT needs one (use the model's own tokenizer)")
-
-    def ids(x):
-        return list(x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x)
-
-    prompt = ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
-    full = ids(tokenizer.apply_chat_template(messages, tokenize=True))
+    prompt = chat_prompt_ids(tokenizer, messages[:-1])
+    full = chat_prompt_ids(tokenizer, messages, add_generation_prompt=False)
     if full[: len(prompt)] != prompt:
         raise DiffcoderError("the chat template does not render the prompt as a prefix of the conversation; "
                              "the prompt/response boundary cannot be kept with this template")

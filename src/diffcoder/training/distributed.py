@@ -65,8 +65,8 @@ def save_distributed(trainer, dest: Path) -> None:
         plain.load_state_dict(full, strict=False, assign=True)
         if plain.config.tie_word_embeddings:
             plain.lm_head.weight = plain.model.embed_tokens.weight
-        plain.generation_defaults = getattr(trainer.model, "generation_defaults", {})
-        write_hf_dir(plain, dest, trainer.tokenizer, trainer.cfg.objective.kind == "diffusion")
+        write_hf_dir(plain, dest, trainer.tokenizer, trainer.cfg.objective.kind == "diffusion",
+                     trainer.generation_config)
 
 
 def load_distributed(trainer, path: Path) -> None:

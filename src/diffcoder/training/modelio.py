@@ -1,4 +1,5 @@
-"""Loading the start point of a run: resolve 'default', load, give an AR model a mask token, check vocabularies."""
+"""Loading the start point of a run: load it (`diffcoder.loading`), give an AR model a mask token, check
+vocabularies."""
 
 from __future__ import annotations
 
@@ -6,33 +7,19 @@ from pathlib import Path
 
 import torch
 
-from diffcoder.errors import CheckpointError, ConfigError
+from diffcoder.errors import ConfigError
+from diffcoder.loading import Loaded, load
 
 
-def resolve_model_path(spec: str | Path) -> Path:
-    """A built-in name ('default' = 'smollm2': the diffusion default; 'smollm2-ar': its AR origin) -> its
-    directory, built on first use; anything else is a path."""
-    from diffcoder.pull import BUILTINS, resolve_model
-
-    if str(spec) == "default" or str(spec) in BUILTINS:
-        return resolve_model(str(spec))
-    p = Path(spec).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"model path {p} does not exist; give a checkpoint directory, a .gguf, 'smollm2' "
-                              "(the diffusion default) or 'smollm2-ar' (its AR origin)")
-    return p
-
-
-def load_start_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) ready for diffusion training: has a mask token id."""
-    import diffcoder
-
-    model, tokenizer = diffcoder.load(resolve_model_path(spec), dtype=dtype, device=device)
-    if model.config.mask_token_id is None:  # an AR start point: give it a mask token (mean-embedding row)
+def load_start_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Loaded:
+    """The run's start point ready for diffusion training (it has a mask token id): unpacks as (model, tokenizer),
+    and `.generation_config` holds the decoding defaults its saves keep."""
+    loaded = load(spec, dtype=dtype, device=device)
+    if loaded.model.config.mask_token_id is None:  # an AR start point: give it a mask token (mean-embedding row)
         from diffcoder.convert import add_mask_token
 
-        model, tokenizer = add_mask_token(model, tokenizer)
-    return model, tokenizer
+        loaded.model, loaded.tokenizer = add_mask_token(loaded.model, loaded.tokenizer)
+    return loaded
 
 
 def check_vocab(model, data_index: dict, model_tokenizer=None) -> None:

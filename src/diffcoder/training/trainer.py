@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffcoder import resolve_dtype
+from diffcoder.checkpoint import resolve_dtype
 from diffcoder.errors import CheckpointError, ConfigError, DiffcoderError
 from diffcoder.nelbo import diffusion_nelbo, sample_block_noise, shift_eligible
 from diffcoder.training import ckpt as ckptlib
@@ -114,11 +114,14 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _build_model(self) -> None:
-        from diffcoder.training.modelio import load_start_model, resolve_model_path
+        from diffcoder.loading import resolve_model
+        from diffcoder.training.modelio import load_start_model
 
         c = self.cfg
-        self.base_path = resolve_model_path(c.model.path)
-        model, tok = load_start_model(str(self.base_path), dtype=resolve_dtype(c.model.dtype), device="cpu")
+        self.base_path = resolve_model(c.model.path)
+        start = load_start_model(self.base_path, dtype=resolve_dtype(c.model.dtype), device="cpu")
+        model, tok = start
+        self.generation_config = start.generation_config  # the start point's decoding defaults, kept on save
         if c.model.block_size is not None:
             model.config.block_size = c.model.block_size
         if c.model.shift is not None:
@@ -312,7 +315,8 @@ class Trainer:
 
                 save_adapter(self.model, d, self.base_path, self.tokenizer)
             else:
-                ckptlib.write_hf_dir(self.model, d, self.tokenizer, self.cfg.objective.kind == "diffusion")
+                ckptlib.write_hf_dir(self.model, d, self.tokenizer, self.cfg.objective.kind == "diffusion",
+                                     self.generation_config)
 
         return ckptlib.write_checkpoint(self.out, self.step, write_model, self._trainer_state(),
                                         keep=self.cfg.train.keep_checkpoints, is_writer=self.dist.rank == 0,
