@@ -22,13 +22,50 @@ from diffcoder.evaluation.sandbox import Program
 
 BENCHMARKS = ("humaneval", "mbpp")
 MBPP_FILE = "sanitized-mbpp.json"
-REPO_ROOT = Path(__file__).resolve().parents[3]
+DATA_ENV = "DIFFCODER_DATA"
+
+
+def source_checkout() -> Path | None:
+    """The repository root when diffcoder runs from a source checkout (src/ layout, pyproject.toml beside it),
+    else None (an installed wheel lives in site-packages, with no repository around it)."""
+    root = Path(__file__).resolve().parents[3]
+    if (root / "pyproject.toml").is_file() and (root / "src" / "diffcoder" / "__init__.py").is_file():
+        return root
+    return None
 
 
 def default_data_dir() -> Path:
-    """$DIFFCODER_DATA if set, else ../shared/data next to the repository (where tests and CI keep it)."""
-    env = os.environ.get("DIFFCODER_DATA")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+    """Where benchmark files are read from when no --data is given: $DIFFCODER_DATA, else (a development
+    fallback only) ../shared/data beside a source checkout, where the tests and CI keep it."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    root = source_checkout()
+    if root is not None and (root.parent / "shared" / "data").is_dir():
+        return root.parent / "shared" / "data"
+    raise ConfigError(
+        "no benchmark data folder: pass --data PATH (the data file, or the folder holding it) or set "
+        f"${DATA_ENV} to that folder; diffcoder ships no benchmark data"
+    )
+
+
+def data_file(name: str, data: str | Path | None, what: str, fix: str) -> Path:
+    """The benchmark file `name` (a path inside the data folder): `data` is that file itself or a folder holding
+    it; no `data` means `default_data_dir()`. A missing file is a ConfigError that says where it looked and how
+    to get the file (`fix`)."""
+    if data:
+        p = Path(data).expanduser()
+        path = p / name if p.is_dir() else p
+        how = "--data"
+    else:
+        path = default_data_dir() / name
+        how = f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "the development fallback ../shared/data"
+    if not path.is_file():
+        raise ConfigError(
+            f"{what} data not found at {path} (from {how}). {fix}; then pass --data PATH (the file, or the "
+            f"folder holding `{name}`) or set {DATA_ENV} to that folder"
+        )
+    return path
 
 
 @dataclass
@@ -123,20 +160,8 @@ def load_humaneval(path: str | Path | None = None) -> list[Task]:
 
 
 def mbpp_path(data: str | Path | None = None) -> Path:
-    candidates = []
-    if data:
-        p = Path(data)
-        candidates.append(p / MBPP_FILE if p.is_dir() else p)
-    else:
-        candidates.append(default_data_dir() / MBPP_FILE)
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise ConfigError(
-        f"MBPP data not found (looked at {', '.join(map(str, candidates))}). Put the sanitized MBPP file "
-        f"`{MBPP_FILE}` (427 tasks, from the google-research/mbpp repository) there, pass --data PATH, "
-        "or set DIFFCODER_DATA to the folder holding it"
-    )
+    return data_file(MBPP_FILE, data, "MBPP",
+                     f"Get the sanitized MBPP file `{MBPP_FILE}` (427 tasks) from the google-research/mbpp repository")
 
 
 def _mbpp_entry_point(code: str, first_test: str) -> str:
