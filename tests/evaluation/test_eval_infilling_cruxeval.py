@@ -14,7 +14,7 @@ from diffcoder.errors import ConfigError
 from diffcoder.evaluation.benchmarks import load_tasks
 from diffcoder.evaluation.data import default_data_dir
 from diffcoder.evaluation.harness import EvalConfig, read_records, run_eval, select_tasks
-from diffcoder.fim import infill_prompt_ids
+from diffcoder.fim import FIM_SPELLINGS, infill_prompt_ids
 
 pytestmark = pytest.mark.skipif(not (default_data_dir() / "cruxeval.jsonl").is_file(),
                                 reason="benchmark data not in ../shared/data or $DIFFCODER_DATA")
@@ -104,3 +104,23 @@ def test_cruxeval_cli_run_and_identity(plain_ckpt, tmp_path, capsys):
     assert "variant" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--prompt-style fim or prefix-only"):
         run_eval(EvalConfig("humaneval-infilling", str(plain_ckpt), "base", variant=SPLIT), tmp_path / "x")
+
+
+@pytest.mark.parametrize("spelling", FIM_SPELLINGS)
+def test_fim_prompt_layout_for_each_token_naming(spelling):
+    """The eval prompt of an infilling task puts the prefix and suffix around the checkpoint's own FIM tokens, in
+    its order (suffix first for Seed-Coder's spelling), whatever their names."""
+    from diffcoder.evaluation.harness import encode
+    from diffcoder.fim import SUFFIX_FIRST, find_fim_tokens
+    from diffcoder.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_tokens(list(spelling), special_tokens=True)
+    fim = find_fim_tokens(tok)
+    task = load_tasks("humaneval-infilling", None, SPLIT)[1]
+    ids = encode(tok, task, "fim")
+    first, second = (fim.suffix_id, fim.prefix_id) if spelling[0] in SUFFIX_FIRST else (fim.prefix_id, fim.suffix_id)
+    assert ids[0] == first and ids[-1] == fim.middle_id and ids.count(second) == 1
+    a, b = ids[1: ids.index(second)], ids[ids.index(second) + 1: -1]
+    pieces = [tok.decode(x, clean_up_tokenization_spaces=False) for x in (a, b)]
+    assert pieces == ([task.suffix, task.prompt] if spelling[0] in SUFFIX_FIRST else [task.prompt, task.suffix])
