@@ -76,6 +76,9 @@ def test_api_errors_are_one_clear_line(tmp_path, capsys, fim_server):
     rc = main(["eval", "cruxeval", "--task", "output", "--api-base", fim_server.base, "--model", "x",
                "--out", str(tmp_path / "both")])
     assert rc == 2 and "leave out --model and --ar" in capsys.readouterr().err
+    rc = main(["eval", "cruxeval", "--task", "output", "--api-base", fim_server.base, "--threshold", "none",
+               "--out", str(tmp_path / "none")])
+    assert rc == 2 and "--threshold none cannot be sent" in capsys.readouterr().err
     # The server's own refusal comes back with its message (here: a model name it does not serve)
     with pytest.raises(ConfigError, match="answered 4"):
         run_eval(EvalConfig("cruxeval", "no-such-model", limit=1, variant="output", decoding=DECODING,

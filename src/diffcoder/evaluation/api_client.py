@@ -22,6 +22,18 @@ MAX_STOPS = 4  # what OpenAI's API takes; the harness cuts at every stop string 
 EXTENSION_FIELDS = ("steps", "steps_per_block", "block_length", "threshold", "remasking", "top_k")
 
 
+def check_request_decoding(values: dict) -> dict:
+    """The decoding values a completions request can carry; the others are an error naming the way out."""
+    if values.get("threshold") == "none":
+        raise ConfigError("--threshold none cannot be sent in a request (a request without a threshold gets the "
+                          "server's); start the server with the setting you want, e.g. `diffcoder serve "
+                          "--steps-per-block` equal to the block length, or give a number")
+    for key, flag in (("shift", "--shift"), ("eos_id", "--eos-id")):
+        if key in values:
+            raise ConfigError(f"{flag} is the served checkpoint's setting, not a request's: drop it with --api-base")
+    return values
+
+
 def api_key(flag: str | None) -> str | None:
     return flag or os.environ.get("OPENAI_API_KEY") or None
 

@@ -127,12 +127,13 @@ def _api_decoding(args: argparse.Namespace) -> dict:
     """With --api-base: the decoding values given on the command line, for the request body (the server fills
     in the rest); greedy unless --temperature says otherwise."""
     from diffcoder.commands import user_decoding_values
+    from diffcoder.evaluation.api_client import check_request_decoding
     from diffcoder.settings import DEFAULT_MAX_NEW_TOKENS
 
     user = {k: v for k, v in user_decoding_values(args).items() if v is not None and k != "seed"}
     user.setdefault("max_new_tokens", user.pop("gen_length", None) or DEFAULT_MAX_NEW_TOKENS["eval"])
     user.setdefault("temperature", 0.0)
-    return user
+    return check_request_decoding(user)
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
