@@ -184,8 +184,7 @@ class _Decoder:
             end = next((k for k, t in enumerate(ids) if t in ends), None)
             if end is not None:
                 ids = ids[: end + 1]  # tokens up to and including the first end token (EOS) count as generated
-            rows.append({"ids": ids, "forwards": done_at[i] or batch_forwards,
-                         "text": self.tok.decode(ids, skip_special_tokens=True)})
+            rows.append({"ids": ids, "forwards": done_at[i] or batch_forwards})
         return rows, batch_forwards
 
     def _end_ids(self) -> set[int]:
@@ -341,7 +340,8 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, p
                 seconds = time.perf_counter() - t0
                 bar.generated(sum(r.get("tokens", len(r.get("ids", ()))) for r in rows), seconds)
                 for (task, j), row in zip(batch, rows):
-                    raw = row["text"]
+                    # a local row holds token ids; an API row holds the server's text
+                    raw = row["text"] if "text" in row else tokenizer.decode(row["ids"], skip_special_tokens=True)
                     code = task.completion_code(raw, cfg.prompt_style)
                     rec = {
                         "task_id": task.task_id, "sample": j, "prompt": prompt_of[task.task_id],
