@@ -70,7 +70,7 @@ PY
 done
 
 {
-  echo "# Issue 13: CRUXEval and HumanEval infilling ($(date -u +%Y-%m-%d), $(nproc) CPU cores, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
+  echo "# Issue 13: CRUXEval and HumanEval infilling ($(date -u +%Y-%m-%d), $(nproc --all) CPU cores, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
   echo
   echo "Subset: CRUXEval the first $CRUX_LIMIT tasks of 800; infilling $INFILL_N tasks per split (the first of"
   echo "random-span-light, spread evenly over the others). Greedy, base prompts, batch 8."
