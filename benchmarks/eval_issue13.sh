@@ -7,10 +7,10 @@
 #     completion of the prefix, cut where the suffix begins, suffix appended) at both settings.
 # Then one Markdown table (pass@1, tokens/s, tokens per forward) into benchmarks/results/issue13/.
 # Resumable: rerun the same command to continue. pass counts and TPF are deterministic; tokens/s depends on load.
-# Usage: [CRUX_LIMIT=100] [INFILL_N=164] [SPLITS="random-span-light ..."] [SETTINGS="none ckpt"]
+# Usage: [CRUX_LIMIT=100] [INFILL_N=164] [INFILL_N_LIGHT=N] [SPLITS="random-span-light ..."] [SETTINGS="none ckpt"]
 #        benchmarks/eval_issue13.sh [RUNS_DIR] [MODEL] [extra eval flags]
-#   CRUX_LIMIT: the first N CRUXEval tasks; INFILL_N: that many tasks of each infilling split (the first N of
-#   random-span-light, N spread evenly over the larger splits); SETTINGS: `none` (one token per step) and/or
+#   CRUX_LIMIT: the first N CRUXEval tasks; INFILL_N: that many tasks spread evenly over each larger infilling
+#   split; INFILL_N_LIGHT: the first N of random-span-light (default INFILL_N); SETTINGS: `none` (one token per step) and/or
 #   `ckpt` (the checkpoint's threshold). TABLE_ONLY=1: only write the table of the runs finished so far.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONPATH=${PYTHONPATH:-src}
 PY=${PYTHON:-.venv/bin/python}  # the venv scripts/setup.sh makes
 CRUX_LIMIT=${CRUX_LIMIT:-100}
 INFILL_N=${INFILL_N:-164}
+INFILL_N_LIGHT=${INFILL_N_LIGHT:-$INFILL_N}  # random-span-light (164 gaps, one per task) may be run in full
 SPLITS=${SPLITS:-random-span-light single-line multi-line random-span}
 SETTINGS=${SETTINGS:-none ckpt}
 OUT=benchmarks/results/issue13
@@ -56,7 +57,7 @@ print("yes" if find_fim_tokens(load_tokenizer(resolve_model(sys.argv[1]))) else 
 PY
 ) || HAS_FIM=no
 [ -n "${TABLE_ONLY:-}" ] || for split in $SPLITS; do
-  pick=(--spread "$INFILL_N"); [ "$split" = random-span-light ] && pick=(--limit "$INFILL_N")
+  pick=(--spread "$INFILL_N"); [ "$split" = random-span-light ] && pick=(--limit "$INFILL_N_LIGHT")
   for s in $SETTINGS; do
     # shellcheck disable=SC2046
     eval_run "infill-$split-prefix-only-$s" humaneval-infilling --split "$split" --model "$MODEL" --prefix-only \
@@ -72,9 +73,9 @@ done
 {
   echo "# Issue 13: CRUXEval and HumanEval infilling ($(date -u +%Y-%m-%d), $(nproc --all) CPU cores, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
   echo
-  echo "Subset: CRUXEval the first $CRUX_LIMIT tasks of 800; infilling $INFILL_N tasks per split (the first of"
-  echo "random-span-light, spread evenly over the others). Greedy, base prompts, batch 8."
-  echo "Settings: \`th-none\` one token per step (--threshold none); \`ckpt\` the checkpoint's threshold."
+  echo "Subset: CRUXEval the first $CRUX_LIMIT tasks of 800; infilling the first $INFILL_N_LIGHT of random-span-light's"
+  echo "164 and $INFILL_N spread evenly over each other split. Greedy, base prompts, batch 8."
+  echo "Settings (the run name's last part): \`none\` one token per step (--threshold none); \`ckpt\` the checkpoint's threshold."
   if [ "$HAS_FIM" = yes ]; then
     echo "FIM rows: the model's fill-in-the-middle tokens, prefix and suffix in the prompt."
   else
