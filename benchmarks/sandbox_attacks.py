@@ -19,7 +19,8 @@ sys.path.insert(0, str(HERE.parent / "tests" / "evaluation"))
 from hostcheck import HostState  # noqa: E402
 from test_attacks import ATTACKS, GENUINE, HEAD  # noqa: E402
 
-from diffcoder.evaluation.data import default_data_dir, load_tasks  # noqa: E402
+from diffcoder.evaluation.benchmarks import load_tasks  # noqa: E402
+from diffcoder.evaluation.data import default_data_dir  # noqa: E402
 from diffcoder.evaluation.sandbox import Limits, Sandbox  # noqa: E402
 
 ESCAPES = {"child_leaves_the_process_group", "nested_user_namespace_tmpfs", "memfd_beyond_the_memory_limit",

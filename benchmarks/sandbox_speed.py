@@ -12,7 +12,7 @@ import argparse
 import os
 import time
 
-from diffcoder.evaluation.data import load_tasks
+from diffcoder.evaluation.benchmarks import load_tasks
 from diffcoder.evaluation.sandbox import Limits, Sandbox
 
 

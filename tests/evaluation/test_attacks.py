@@ -16,7 +16,8 @@ import pytest
 
 from diffcoder import load
 from diffcoder.evaluation import harness
-from diffcoder.evaluation.data import default_data_dir, load_tasks
+from diffcoder.evaluation.benchmarks import load_tasks
+from diffcoder.evaluation.data import default_data_dir
 from diffcoder.evaluation.harness import EvalConfig, read_records, run_eval
 from diffcoder.evaluation.sandbox import Limits, Sandbox
 from diffcoder.testing import write_tiny_checkpoint

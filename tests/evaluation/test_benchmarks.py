@@ -7,7 +7,9 @@ from collections import Counter
 import pytest
 
 from diffcoder.errors import ConfigError
-from diffcoder.evaluation.data import default_data_dir, load_tasks, mbpp_path
+from diffcoder.evaluation.benchmarks import load_tasks
+from diffcoder.evaluation.benchmarks.mbpp import mbpp_path
+from diffcoder.evaluation.data import default_data_dir
 from diffcoder.evaluation.sandbox import Limits, Sandbox
 
 HAVE_MBPP = (default_data_dir() / "sanitized-mbpp.json").is_file()

@@ -1,4 +1,4 @@
-"""`diffcoder eval humaneval|mbpp|likelihood` and `diffcoder compare`."""
+"""`diffcoder eval humaneval|mbpp|humaneval-infilling|cruxeval|likelihood` and `diffcoder compare`."""
 
 from __future__ import annotations
 
@@ -9,24 +9,55 @@ from pathlib import Path
 
 from diffcoder.errors import ConfigError
 
+_HELP = {
+    "humaneval": "pass@k on HumanEval",
+    "mbpp": "pass@k on MBPP (sanitized)",
+    "humaneval-infilling": "pass@k on HumanEval infilling (fill-in-the-middle, or the prefix-only baseline)",
+    "cruxeval": "pass@k on CRUXEval-O (predict the output) or CRUXEval-I (predict an input)",
+}
+_STYLE_HELP = {
+    "base": "base: continue the task prompt, cut at stop strings",
+    "instruct": "instruct: chat template, code block extracted",
+    "fim": "fim: prefix and suffix in the checkpoint's fill-in-the-middle layout, the middle generated",
+    "prefix-only": "prefix-only: left-to-right completion of the prefix alone, the suffix appended (the baseline)",
+}
+
 
 def _add_benchmark_parser(sub, name: str) -> None:
     from diffcoder.commands import add_decoding_flags, add_model_flags
+    from diffcoder.evaluation.benchmarks import BENCHMARKS
 
-    p = sub.add_parser(name, help=f"pass@k on {'HumanEval' if name == 'humaneval' else 'MBPP (sanitized)'}")
+    bench = BENCHMARKS[name]
+    p = sub.add_parser(name, help=_HELP[name])
     add_model_flags(p)
+    if bench.variants:
+        dest = bench.variant_flag.lstrip("-")
+        p.add_argument(bench.variant_flag, dest="variant", required=True, metavar="|".join(bench.variants),
+                       help=f"which {dest}: {', '.join(bench.variants)}")
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
     p.add_argument("--force", action="store_true", help="write the run into --out even if it holds other files")
-    p.add_argument("--prompt-style", choices=["base", "instruct"], default="base",
-                   help="base: continue the task prompt; instruct: chat template, code block extracted")
+    p.add_argument("--prompt-style", choices=bench.styles, default=bench.styles[0],
+                   help="; ".join(_STYLE_HELP[s] for s in bench.styles) + f" (default: {bench.styles[0]})")
+    if "prefix-only" in bench.styles:
+        p.add_argument("--prefix-only", dest="prompt_style", action="store_const", const="prefix-only",
+                       help="the same as --prompt-style prefix-only")
     p.add_argument("--limit", type=int, help="only the first N tasks")
+    p.add_argument("--spread", type=int, metavar="N",
+                   help="N tasks spread evenly over the (limited) list: a deterministic sample of a large split")
     p.add_argument("--samples", type=int, default=1, help="samples per task (pass@k for k <= samples)")
     p.add_argument("--ar", action="store_true",
                    help="autoregressive decoding (causal, KV cache): the AR baseline; without --model it runs on "
                         "the AR origin (smollm2-ar)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--data", help="benchmark file or folder (MBPP: sanitized-mbpp.json; default: "
-                                  "$DIFFCODER_DATA or ../shared/data next to the repository)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (with --api-base: requests "
+                                                             "in flight together)")
+    p.add_argument("--data", help=f"benchmark data: {bench.data_help}; default: the folder $DIFFCODER_DATA "
+                                  "(../shared/data beside a source checkout, for development)")
+    api = p.add_argument_group("evaluate a served model (OpenAI-compatible /v1/completions) instead of loading one")
+    api.add_argument("--api-base", metavar="URL",
+                     help="server base URL, e.g. http://127.0.0.1:8000/v1 (`diffcoder serve`, vLLM, ...)")
+    api.add_argument("--api-model", help="model name to request (default: the first one /v1/models lists)")
+    api.add_argument("--api-key", help="bearer token (default: $OPENAI_API_KEY; never written to the run)")
+    api.add_argument("--api-timeout", type=float, default=600.0, help="seconds per request (default: 600)")
     p.add_argument("--workers", type=int, default=0, help="test processes in parallel (default: CPU cores)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per test program (wall clock)")
     p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per test program")
@@ -38,10 +69,13 @@ def _add_benchmark_parser(sub, name: str) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint: HumanEval, MBPP, held-out likelihood")
+    from diffcoder.evaluation.benchmarks import BENCHMARKS
+
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint: HumanEval, MBPP, HumanEval infilling, CRUXEval, "
+                                           "held-out likelihood")
     sub = p.add_subparsers(dest="eval_what", metavar="BENCHMARK", required=True)
-    _add_benchmark_parser(sub, "humaneval")
-    _add_benchmark_parser(sub, "mbpp")
+    for name in BENCHMARKS:
+        _add_benchmark_parser(sub, name)
 
     from diffcoder.commands import add_model_flags
 
@@ -89,6 +123,19 @@ def _is_eval_run(path: Path) -> bool:
         return False
 
 
+def _api_decoding(args: argparse.Namespace) -> dict:
+    """With --api-base: the decoding values given on the command line, for the request body (the server fills
+    in the rest); greedy unless --temperature says otherwise."""
+    from diffcoder.commands import user_decoding_values
+    from diffcoder.evaluation.api_client import check_request_decoding
+    from diffcoder.settings import DEFAULT_MAX_NEW_TOKENS
+
+    user = {k: v for k, v in user_decoding_values(args).items() if v is not None and k != "seed"}
+    user.setdefault("max_new_tokens", user.pop("gen_length", None) or DEFAULT_MAX_NEW_TOKENS["eval"])
+    user.setdefault("temperature", 0.0)
+    return check_request_decoding(user)
+
+
 def run_benchmark(args: argparse.Namespace) -> int:
     from diffcoder.commands import check_device, model_argument
     from diffcoder.evaluation.harness import EvalConfig, format_summary, run_eval
@@ -99,14 +146,27 @@ def run_benchmark(args: argparse.Namespace) -> int:
         print("note: --samples > 1 at temperature 0 repeats the same greedy answer", file=sys.stderr)
     check_device(args.device)
     check_output_dir(args.out, args.force, "write an eval run into it", ours=_is_eval_run)
-    model_path = resolve_model(model_argument(args))  # --ar without --model: the AR origin
-    cfg = EvalConfig(
-        benchmark=args.benchmark, model=str(model_path), prompt_style=args.prompt_style, limit=args.limit,
-        samples=args.samples, ar=args.ar, decoding=_decoding_settings(args, model_path),
-        batch_size=args.batch_size, data=args.data, seed=args.seed, dtype=args.dtype, device=args.device,
-        workers=args.workers, timeout_s=args.timeout, memory_mb=args.memory_mb,
+    common = dict(
+        benchmark=args.benchmark, variant=getattr(args, "variant", None), prompt_style=args.prompt_style,
+        limit=args.limit, spread=args.spread, samples=args.samples, batch_size=args.batch_size, data=args.data,
+        seed=args.seed, dtype=args.dtype, device=args.device, workers=args.workers, timeout_s=args.timeout,
+        memory_mb=args.memory_mb,
     )
-    summary = run_eval(cfg, args.out, progress=not args.no_progress, rescore=args.rescore)
+    if args.api_base:
+        from diffcoder.evaluation.api_client import api_key, resolve_api_model
+
+        if args.ar or args.model:
+            raise ConfigError("--api-base evaluates the served model: leave out --model and --ar (the server "
+                              "decides how it decodes), or drop --api-base to load a checkpoint here")
+        key = api_key(args.api_key)
+        model = resolve_api_model(args.api_base, args.api_model, key, args.api_timeout)
+        cfg = EvalConfig(model=model, ar=False, decoding=_api_decoding(args), api_base=args.api_base, **common)
+        cfg_extra = {"api_key": key, "api_timeout": args.api_timeout}
+    else:
+        model_path = resolve_model(model_argument(args))  # --ar without --model: the AR origin
+        cfg = EvalConfig(model=str(model_path), ar=args.ar, decoding=_decoding_settings(args, model_path), **common)
+        cfg_extra = {}
+    summary = run_eval(cfg, args.out, progress=not args.no_progress, rescore=args.rescore, **cfg_extra)
     print(format_summary(summary))
     print(f"records: {Path(args.out) / 'tasks.jsonl'}  summary: {Path(args.out) / 'summary.json'}")
     return 0

@@ -23,22 +23,24 @@ from pathlib import Path
 import torch
 
 from diffcoder.errors import ConfigError
-from diffcoder.evaluation.data import Task, load_tasks
+from diffcoder.evaluation.benchmarks import Task, get_benchmark, load_tasks
 from diffcoder.evaluation.extract import has_complete_block
 from diffcoder.evaluation.metrics import ks_for, mean_pass_at_k
 from diffcoder.evaluation.sandbox import Limits, Sandbox
 
-PROMPT_STYLES = ("base", "instruct")
 # Settings that change what a record means: a rerun with other values must not resume into the same folder.
-IDENTITY_KEYS = ("benchmark", "model", "prompt_style", "samples", "ar", "decoding", "data", "seed")
+IDENTITY_KEYS = ("benchmark", "variant", "model", "prompt_style", "samples", "ar", "decoding", "data", "seed",
+                 "api_base")
 
 
 @dataclass
 class EvalConfig:
     benchmark: str
-    model: str
+    model: str  # a checkpoint path, or with api_base the served model's name
     prompt_style: str = "base"
     limit: int | None = None
+    variant: str | None = None  # the benchmark's --split / --task value
+    spread: int | None = None  # N tasks spread evenly over the (limited) list: a deterministic sample
     samples: int = 1
     ar: bool = False
     decoding: dict = field(default_factory=dict)  # generate() kwargs (diffusion) or max_new_tokens/temperature
@@ -51,6 +53,12 @@ class EvalConfig:
     timeout_s: float = 10.0
     memory_mb: int = 1024
     cpu_s: int | None = None  # CPU seconds per test program (default: the timeout rounded up, plus 1)
+    api_base: str | None = None  # an OpenAI-compatible server that generates instead of a local model
+
+    @property
+    def name(self) -> str:
+        """The benchmark with its variant, as summaries and `compare` show it (`cruxeval/output`)."""
+        return f"{self.benchmark}/{self.variant}" if self.variant else self.benchmark
 
     def identity(self) -> dict:
         d = asdict(self)
@@ -142,17 +150,23 @@ class _Decoder:
         done_at = [0] * n
         start = self.forwards
         style = self.cfg.prompt_style
+        stops = [t.stop_strings(style) for t in tasks]
+        ends = self._end_ids()
+        eos = self._eos()
+        middle_ends = ends - {eos}  # the decoder itself stops a row at EOS; these (FIM end-of-middle) it does not
 
         def on_event(ev) -> None:
             if ev.kind == "block":
                 piece = self.tok.decode(ev.token_ids)
                 texts[ev.row] += piece
                 task = tasks[ev.row]
-                if style == "base":
-                    tail = texts[ev.row][-(len(piece) + 24):]
-                    stopped[ev.row] = stopped[ev.row] or any(s in tail for s in task.stops)
-                elif "`" in piece:
-                    stopped[ev.row] = has_complete_block(texts[ev.row], task.entry_point)
+                if style == "instruct":
+                    if "`" in piece:
+                        stopped[ev.row] = has_complete_block(texts[ev.row], task.entry_point)
+                else:
+                    tail = texts[ev.row][-(len(piece) + max(map(len, stops[ev.row]), default=0)):]
+                    stopped[ev.row] = (stopped[ev.row] or any(s in tail for s in stops[ev.row])
+                                       or bool(middle_ends & set(ev.token_ids)))
             elif ev.kind == "done":
                 # the decoder reports the batch's forwards so far (what this row cost); older decoders did not
                 done_at[ev.row] = getattr(ev, "forwards", 0) or self.forwards - start
@@ -165,13 +179,23 @@ class _Decoder:
             hook.remove()
         batch_forwards = res.forwards
         rows = []
-        eos = self._eos()
         for i, g in enumerate(res.generated):
             ids = g.tolist()
-            if eos is not None and eos in ids:
-                ids = ids[: ids.index(eos) + 1]  # tokens up to and including the first EOS count as generated
+            end = next((k for k, t in enumerate(ids) if t in ends), None)
+            if end is not None:
+                ids = ids[: end + 1]  # tokens up to and including the first end token (EOS) count as generated
             rows.append({"ids": ids, "forwards": done_at[i] or batch_forwards})
         return rows, batch_forwards
+
+    def _end_ids(self) -> set[int]:
+        """EOS, and for FIM prompts the checkpoint's end-of-middle tokens."""
+        eos = self._eos()
+        ends = {eos} if eos is not None else set()
+        if self.cfg.prompt_style == "fim":
+            from diffcoder.fim import require_fim_tokens
+
+            ends |= set(require_fim_tokens(self.tok).end_ids)
+        return ends
 
     def _decode(self, decoding, kw, prompts, on_event, stopped, generator):
         if self.cfg.ar:
@@ -188,12 +212,32 @@ class _Decoder:
         return self.model.config.eos_token_id
 
 
-def encode(tokenizer, task: Task, style: str) -> list[int]:
+def encode(tokenizer, task: Task, style: str, model_name: str = "this checkpoint") -> list[int]:
+    """The prompt's token ids: FIM order for a gap (prefix and suffix around the checkpoint's FIM tokens; a
+    checkpoint without them raises NoFimTokensError, which names the fix), the chat template for instruct."""
     from diffcoder.commands import encode_prompt
+    from diffcoder.fim import infill_prompt_ids, require_fim_tokens
 
+    suffix = task.fim_suffix(style)
+    if suffix is not None:
+        return infill_prompt_ids(tokenizer, task.prompt_text(style), suffix, require_fim_tokens(tokenizer, model_name))
     if style == "instruct" and (tokenizer is None or not tokenizer.chat_template):
         raise ConfigError("--prompt-style instruct needs a tokenizer with a chat template; use --prompt-style base")
-    return encode_prompt(tokenizer, task.instruction if style == "instruct" else task.base_prompt, style == "instruct")
+    return encode_prompt(tokenizer, task.prompt_text(style), style == "instruct")
+
+
+def select_tasks(tasks: list[Task], limit: int | None, spread: int | None) -> list[Task]:
+    """The first `limit` tasks, then `spread` of them evenly spaced (a deterministic sample of a large split)."""
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {limit}")
+        tasks = tasks[:limit]
+    if spread is not None:
+        if spread < 1:
+            raise ConfigError(f"--spread must be at least 1, got {spread}")
+        if spread < len(tasks):
+            tasks = [tasks[i * len(tasks) // spread] for i in range(spread)]
+    return tasks
 
 
 def rescore_records(path: Path, tasks: list[Task], style: str, sandbox: Sandbox, workers: int) -> int:
@@ -217,18 +261,19 @@ def rescore_records(path: Path, tasks: list[Task], style: str, sandbox: Sandbox,
 
 
 def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, progress: bool = True,
-             on_record: Callable[[dict], None] | None = None, rescore: bool = False) -> dict:
+             on_record: Callable[[dict], None] | None = None, rescore: bool = False, api_key: str | None = None,
+             api_timeout: float = 600.0) -> dict:
     """Evaluate (resuming whatever `out_dir` already holds) and return the summary (also written there).
 
-    rescore=True first reruns the tests of the finished records from their raw outputs."""
-    if cfg.prompt_style not in PROMPT_STYLES:
-        raise ConfigError(f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, got {cfg.prompt_style!r}")
+    rescore=True first reruns the tests of the finished records from their raw outputs. With `cfg.api_base` the
+    prompts go to that server (`api_key`: its bearer token, never recorded) and no model is loaded."""
+    bench = get_benchmark(cfg.benchmark)
+    if cfg.prompt_style not in bench.styles:
+        raise ConfigError(f"{cfg.benchmark} takes --prompt-style {' or '.join(bench.styles)}, got {cfg.prompt_style!r}")
     if cfg.samples < 1 or cfg.batch_size < 1:
         raise ConfigError("--samples and --batch-size must be at least 1")
     out = Path(out_dir)
-    tasks = load_tasks(cfg.benchmark, cfg.data)
-    if cfg.limit is not None:
-        tasks = tasks[: cfg.limit]
+    tasks = select_tasks(load_tasks(cfg.benchmark, cfg.data, cfg.variant), cfg.limit, cfg.spread)
     _check_run_dir(out, cfg)
     records_path = out / "tasks.jsonl"
     sandbox = Sandbox(Limits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb, cpu_s=cfg.cpu_s))
@@ -242,14 +287,21 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, p
     pending = [(t, j) for t in tasks for j in range(cfg.samples) if (t.task_id, j) not in done]
 
     if pending:
-        if model is None:
-            from diffcoder.loading import load
+        if cfg.api_base:
+            from diffcoder.evaluation.api_client import ApiDecoder
 
-            model, tokenizer = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
-        if tokenizer is None:
-            raise ConfigError(f"{cfg.model} has no tokenizer files; the benchmarks need text prompts")
-        decoder = _Decoder(model, tokenizer, cfg)
-        prompt_ids = {t.task_id: encode(tokenizer, t, cfg.prompt_style) for t in tasks}
+            decoder = ApiDecoder(cfg, api_key, api_timeout)
+            prompt_of = {t.task_id: decoder.prompt_record(t) for t in tasks}
+        else:
+            if model is None:
+                from diffcoder.loading import load
+
+                model, tokenizer = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+            if tokenizer is None:
+                raise ConfigError(f"{cfg.model} has no tokenizer files; the benchmarks need text prompts")
+            decoder = _Decoder(model, tokenizer, cfg)
+            prompt_ids = {t.task_id: encode(tokenizer, t, cfg.prompt_style, cfg.model) for t in pending_tasks(pending)}
+            prompt_of = {k: tokenizer.decode(v) for k, v in prompt_ids.items()}
         bar = _Progress(len(pending), records, progress)
         lock = threading.Lock()
         workers = cfg.workers or os.cpu_count() or 1
@@ -279,16 +331,21 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, p
                 gen = torch.Generator(device=cfg.device).manual_seed(
                     cfg.seed * 1_000_003 + zlib.crc32(f"{first[0].task_id}/{first[1]}".encode()))
                 t0 = time.perf_counter()
-                rows, batch_forwards = decoder([prompt_ids[t.task_id] for t, _ in batch], [t for t, _ in batch],
-                                               gen if cfg.decoding.get("temperature") else None)
+                if cfg.api_base:
+                    rows, batch_forwards = decoder(batch)
+                else:
+                    rows, batch_forwards = decoder([prompt_ids[t.task_id] for t, _ in batch], [t for t, _ in batch],
+                                                   gen if cfg.decoding.get("temperature") else None)
                 seconds = time.perf_counter() - t0
-                bar.generated(sum(len(r["ids"]) for r in rows), seconds)
+                bar.generated(sum(r.get("tokens", len(r.get("ids", ()))) for r in rows), seconds)
                 for (task, j), row in zip(batch, rows):
-                    raw = tokenizer.decode(row["ids"], skip_special_tokens=True)
+                    # a local row holds token ids; an API row holds the server's text
+                    raw = row["text"] if "text" in row else tokenizer.decode(row["ids"], skip_special_tokens=True)
                     code = task.completion_code(raw, cfg.prompt_style)
                     rec = {
-                        "task_id": task.task_id, "sample": j, "prompt": tokenizer.decode(prompt_ids[task.task_id]),
-                        "raw_output": raw, "code": code, "tokens": len(row["ids"]), "forwards": row["forwards"],
+                        "task_id": task.task_id, "sample": j, "prompt": prompt_of[task.task_id],
+                        "raw_output": raw, "code": code, "tokens": row.get("tokens", len(row.get("ids", ()))),
+                        "forwards": row["forwards"],
                         "seconds": seconds, "batch": f"{attempt}/{b0}", "batch_size": len(batch),
                         "batch_forwards": batch_forwards,
                     }
@@ -306,6 +363,11 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, p
     return summary
 
 
+def pending_tasks(pending: list[tuple[Task, int]]) -> list[Task]:
+    """The distinct tasks of the pending samples, in order."""
+    return list({t.task_id: t for t, _ in pending}.values())
+
+
 def summarize(records: list[dict], cfg: EvalConfig, tasks: list[Task], sandbox: Sandbox | None = None) -> dict:
     wanted = {t.task_id for t in tasks}
     records = [r for r in records if r["task_id"] in wanted]
@@ -317,9 +379,9 @@ def summarize(records: list[dict], cfg: EvalConfig, tasks: list[Task], sandbox: 
     tokens = sum(r["tokens"] for r in records)
     gen_seconds = sum(s for s, _, _ in batches.values())
     row_forwards = sum(r["forwards"] for r in records)
-    mode = "ar" if cfg.ar else "diffusion"
+    mode = "api" if cfg.api_base else "ar" if cfg.ar else "diffusion"
     summary = {
-        "benchmark": cfg.benchmark,
+        "benchmark": cfg.name,
         "model": cfg.model,
         "mode": mode,
         "prompt_style": cfg.prompt_style,
@@ -341,6 +403,10 @@ def summarize(records: list[dict], cfg: EvalConfig, tasks: list[Task], sandbox: 
         "torch_threads": torch.get_num_threads(),
         "decoding": {"mode": mode, **cfg.decoding},
     }
+    if cfg.api_base:
+        summary["api_base"] = cfg.api_base  # forwards are the server's business: tokens per forward reads 0
+    if cfg.limit is not None or cfg.spread is not None:
+        summary["selection"] = {"limit": cfg.limit, "spread": cfg.spread}
     if sandbox is not None:
         summary["sandbox"] = sandbox.describe()
     return summary
