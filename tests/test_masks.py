@@ -66,7 +66,7 @@ def test_canvas_mask_hides_padding_keys_and_lets_padding_queries_see_themselves(
                 assert bool(got[r, 0, a, kj]) == want, (r, qi, kj)
 
 
-@pytest.mark.parametrize("L,B", [(4, 1), (8, 2), (12, 3), (16, 4), (8, 8)])
+@pytest.mark.parametrize("L,B", [(4, 1), (8, 2), (12, 4), (12, 3), (16, 4), (8, 8), (16, 16)])
 def test_two_stream_mask_follows_the_rule(L, B):
     assert torch.equal(two_stream_mask(L, B), rule_two_stream(L, B))
 

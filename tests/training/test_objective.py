@@ -8,8 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcoder.masks import two_stream_mask as training_block_mask
-from diffcoder.masks import two_stream_mask_mod as training_mask_mod
 from diffcoder.model import block_causal_mask
 from diffcoder.testing import tiny_model
 from diffcoder.training.objective import (
@@ -22,32 +20,7 @@ from diffcoder.training.objective import (
     warmup_cap,
 )
 
-
-def brute_force_mask(L: int, B: int) -> torch.Tensor:
-    """DESIGN §3 read literally, one (query, key) pair at a time."""
-    m = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
-    for qi in range(2 * L):
-        q_noisy, qb = qi < L, (qi % L) // B
-        for ki in range(2 * L):
-            k_noisy, kb = ki < L, (ki % L) // B
-            if q_noisy:
-                ok = (k_noisy and kb == qb) or (not k_noisy and kb < qb)
-            else:
-                ok = (not k_noisy) and kb <= qb
-            m[qi, ki] = ok
-    return m
-
-
-@pytest.mark.parametrize("L,B", [(4, 1), (8, 2), (12, 4), (16, 4), (12, 3), (8, 8), (16, 16)])
-def test_mask_equals_brute_force(L, B):
-    assert torch.equal(training_block_mask(L, B), brute_force_mask(L, B))
-
-
-@pytest.mark.parametrize("L,B", [(12, 4), (16, 2), (8, 8)])
-def test_flex_mask_mod_equals_dense(L, B):
-    idx = torch.arange(2 * L)
-    got = training_mask_mod(L, B)(0, 0, idx[:, None], idx[None, :])
-    assert torch.equal(got, training_block_mask(L, B))
+# The two-stream mask and its flex mask_mod are checked against their rule in tests/test_masks.py.
 
 
 def test_warmup_cap_formula():
