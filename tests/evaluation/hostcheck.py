@@ -29,12 +29,16 @@ def sandbox_processes() -> list[int]:
 
 
 def processes_of(uid: int) -> list[int]:
+    """Live processes of `uid`. Zombies do not count: they are dead and hold nothing but a PID until their new
+    parent reaps them, and the init of some hosts (a Firecracker VM's, for one) reaps orphans only now and then."""
     found = []
     for pid in os.listdir("/proc"):
         try:
             if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == uid:
-                found.append(int(pid))
-        except OSError:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    if f.read().rpartition(b")")[2].split()[0] != b"Z":
+                        found.append(int(pid))
+        except (OSError, IndexError):
             pass
     return found
 

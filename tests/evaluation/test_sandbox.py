@@ -152,9 +152,9 @@ def test_the_memory_limit_covers_shared_memory(host):
                "    os.posix_fallocate(fd, 0, (16 << 20) - 1)\n    fds.append(fd)\nprint('held 1.9 GB')\n")
     r = sb.run(program)
     assert r.kind == "memory_limit" and "held" not in r.stdout_tail, (r.kind, r.detail)
-    # and the capped tmpfs: /tmp and /dev/shm are full at their size, /dev and / are read-only
-    r = sb.run("for i in range(8):\n    open(f'/dev/shm/{i}', 'wb').write(b'x' * (15 << 20))\n")
-    assert r.kind == "runtime_error" and "No space left" in r.detail
+    if _bwrap(sb):  # and the capped tmpfs: /tmp and /dev/shm are full at their size (the fallback has none)
+        r = sb.run("for i in range(8):\n    open(f'/dev/shm/{i}', 'wb').write(b'x' * (15 << 20))\n")
+        assert r.kind == "runtime_error" and "No space left" in r.detail
     assert host.leftovers() == {}
 
 
@@ -193,6 +193,12 @@ def test_writing_outside_the_work_directory_fails(sandbox):
     token = secrets.token_hex(6)
     targets = [f"/escape-{token}.txt", f"/usr/escape-{token}.txt", f"/var/tmp/escape-{token}.txt",
                os.path.join(os.path.expanduser("~"), f"escape-{token}.txt")]
+    if not _bwrap(sandbox):
+        # The fallback's documented gap (docs/evaluation.md): it writes where its uid may, world-writable
+        # folders included; a fresh uid still keeps it out of root's files.
+        if not sandbox.uid_switch:
+            pytest.skip("fallback without a uid switch: nothing keeps the program out of this user's files")
+        targets = [t for t in targets if not t.startswith("/var/tmp/")]
     for target in targets:
         try:
             r = sandbox.run(f"open({target!r}, 'w').write('owned')\n")
@@ -206,6 +212,8 @@ def test_writing_outside_the_work_directory_fails(sandbox):
 
 
 def test_deleting_host_files_fails(sandbox):
+    if not _bwrap(sandbox):
+        pytest.skip("the fallback can delete in world-writable folders (its documented gap; docs/evaluation.md)")
     victim_dir = Path("/var/tmp") / f"diffcoder-victim-{secrets.token_hex(4)}"
     victim_dir.mkdir(mode=0o777)
     os.chmod(victim_dir, 0o777)  # world-writable: only the sandbox stands between it and the program
