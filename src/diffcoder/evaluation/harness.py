@@ -15,7 +15,7 @@ import threading
 import time
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -267,100 +267,172 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, model=None, tokenizer=None, p
 
     rescore=True first reruns the tests of the finished records from their raw outputs. With `cfg.api_base` the
     prompts go to that server (`api_key`: its bearer token, never recorded) and no model is loaded."""
+    _check_settings(cfg)
+    out = Path(out_dir)
+    tasks = select_tasks(load_tasks(cfg.benchmark, cfg.data, cfg.variant), cfg.limit, cfg.spread)
+    _check_run_dir(out, cfg)
+    records_path = out / "tasks.jsonl"
+    sandbox = _open_sandbox(cfg)
+    if rescore and records_path.is_file():
+        rescore_records(records_path, tasks, cfg.prompt_style, sandbox, _sandbox_workers(cfg))
+    records = read_records(records_path)
+    pending = _pending_samples(records, tasks, cfg.samples)
+    if pending:
+        source = _open_source(cfg, tasks, pending, model, tokenizer, api_key, api_timeout)
+        scorer = _Scorer(sandbox, records_path, _Progress(len(pending), records, progress), on_record)
+        _generate_and_score(cfg, source, pending, scorer)
+        records = read_records(records_path)
+        scorer.warn_sandbox_errors()
+    summary = summarize(records, cfg, tasks, sandbox)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _check_settings(cfg: EvalConfig) -> None:
+    """Reject settings the benchmark cannot take before any file is written."""
     bench = get_benchmark(cfg.benchmark)
     if cfg.prompt_style not in bench.styles:
         raise ConfigError(f"{cfg.benchmark} takes --prompt-style {' or '.join(bench.styles)}, got {cfg.prompt_style!r}")
     if cfg.samples < 1 or cfg.batch_size < 1:
         raise ConfigError("--samples and --batch-size must be at least 1")
-    out = Path(out_dir)
-    tasks = select_tasks(load_tasks(cfg.benchmark, cfg.data, cfg.variant), cfg.limit, cfg.spread)
-    _check_run_dir(out, cfg)
-    records_path = out / "tasks.jsonl"
+
+
+def _sandbox_workers(cfg: EvalConfig) -> int:
+    return cfg.workers or os.cpu_count() or 1
+
+
+def _open_sandbox(cfg: EvalConfig) -> Sandbox:
+    """The sandbox for the test programs; says so on stderr when it cannot isolate them with namespaces."""
     sandbox = Sandbox(Limits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb, cpu_s=cfg.cpu_s))
     if sandbox.containment.mode != "bwrap":
         print("warning: the sandbox runs in its fallback mode, without namespaces: "
               + "; ".join(sandbox.containment.notes), file=sys.stderr)
-    if rescore and records_path.is_file():
-        rescore_records(records_path, tasks, cfg.prompt_style, sandbox, cfg.workers or os.cpu_count() or 1)
-    records = read_records(records_path)
+    return sandbox
+
+
+def _pending_samples(records: list[dict], tasks: list[Task], samples: int) -> list[tuple[Task, int]]:
+    """The (task, sample index) pairs that have no record yet: what a resumed run still has to do."""
     done = {(r["task_id"], r["sample"]) for r in records}
-    pending = [(t, j) for t in tasks for j in range(cfg.samples) if (t.task_id, j) not in done]
+    return [(t, j) for t in tasks for j in range(samples) if (t.task_id, j) not in done]
 
-    if pending:
-        if cfg.api_base:
-            from diffcoder.evaluation.api_client import ApiDecoder
 
-            decoder = ApiDecoder(cfg, api_key, api_timeout)
-            prompt_of = {t.task_id: decoder.prompt_record(t) for t in tasks}
-        else:
-            if model is None:
-                from diffcoder.loading import load
+@dataclass
+class _CompletionSource:
+    """Where completions come from (a local model's `_Decoder` or an `ApiDecoder`), with each task's prompt text
+    as its records show it."""
 
-                model, tokenizer = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
-            if tokenizer is None:
-                raise ConfigError(f"{cfg.model} has no tokenizer files; the benchmarks need text prompts")
-            decoder = _Decoder(model, tokenizer, cfg)
-            prompt_ids = {t.task_id: encode(tokenizer, t, cfg.prompt_style, cfg.model) for t in pending_tasks(pending)}
-            prompt_of = {k: tokenizer.decode(v) for k, v in prompt_ids.items()}
-        bar = _Progress(len(pending), records, progress)
-        lock = threading.Lock()
-        workers = cfg.workers or os.cpu_count() or 1
-        futures: list[Future] = []
-        attempt = f"{int(time.time())}-{os.getpid()}"
-        sandbox_errors: list[str] = []
+    decoder: Callable
+    prompt_of: dict[str, str]
+    tokenizer: object | None
+    prompt_ids: dict[str, list[int]] | None = None  # local only: the API client encodes its own prompts
 
-        def finish(rec: dict, program: str) -> None:
-            result = sandbox.run(program)
-            if result.kind == "sandbox_error":  # our failure, not the program's: leave it for a rerun
-                with lock:
-                    sandbox_errors.append(result.detail)
-                return
-            rec.update(passed=result.passed, kind=result.kind, detail=result.detail, exec_seconds=result.wall_s)
-            with lock:
-                with open(records_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
-            bar.finished(result.passed)
-            if on_record is not None:
-                on_record(rec)
+    def generate(self, batch: list[tuple[Task, int]], generator: torch.Generator | None) -> tuple[list[dict], int]:
+        """One row per sample of the batch, and the forwards the batch took."""
+        if self.prompt_ids is None:
+            return self.decoder(batch)
+        return self.decoder([self.prompt_ids[t.task_id] for t, _ in batch], [t for t, _ in batch], generator)
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for b0 in range(0, len(pending), cfg.batch_size):
-                batch = pending[b0 : b0 + cfg.batch_size]
-                first = batch[0]
-                gen = torch.Generator(device=cfg.device).manual_seed(
-                    cfg.seed * 1_000_003 + zlib.crc32(f"{first[0].task_id}/{first[1]}".encode()))
-                t0 = time.perf_counter()
-                if cfg.api_base:
-                    rows, batch_forwards = decoder(batch)
-                else:
-                    rows, batch_forwards = decoder([prompt_ids[t.task_id] for t, _ in batch], [t for t, _ in batch],
-                                                   gen if cfg.decoding.get("temperature") else None)
-                seconds = time.perf_counter() - t0
-                bar.generated(sum(r.get("tokens", len(r.get("ids", ()))) for r in rows), seconds)
-                for (task, j), row in zip(batch, rows):
-                    # a local row holds token ids; an API row holds the server's text
-                    raw = row["text"] if "text" in row else tokenizer.decode(row["ids"], skip_special_tokens=True)
-                    code = task.completion_code(raw, cfg.prompt_style)
-                    rec = {
-                        "task_id": task.task_id, "sample": j, "prompt": prompt_of[task.task_id],
-                        "raw_output": raw, "code": code, "tokens": row.get("tokens", len(row.get("ids", ()))),
-                        "forwards": row["forwards"],
-                        "seconds": seconds, "batch": f"{attempt}/{b0}", "batch_size": len(batch),
-                        "batch_forwards": batch_forwards,
-                    }
-                    futures.append(pool.submit(finish, rec, task.program(code, cfg.prompt_style)))
-            for fut in futures:
-                fut.result()
-        bar.close()
-        records = read_records(records_path)
-        if sandbox_errors:
-            print(f"warning: {len(sandbox_errors)} test runs failed inside the sandbox itself and were not recorded "
-                  f"(rerun the same command to retry them); first error: {sandbox_errors[0]}", file=sys.stderr)
+    def raw_text(self, row: dict) -> str:
+        # a local row holds token ids; an API row holds the server's text
+        return row["text"] if "text" in row else self.tokenizer.decode(row["ids"], skip_special_tokens=True)
 
-    summary = summarize(records, cfg, tasks, sandbox)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+
+def _open_source(cfg: EvalConfig, tasks: list[Task], pending: list[tuple[Task, int]], model, tokenizer,
+                 api_key: str | None, api_timeout: float) -> _CompletionSource:
+    """The API client when `cfg.api_base` is set; otherwise the given model, or the one `cfg.model` names."""
+    if cfg.api_base:
+        from diffcoder.evaluation.api_client import ApiDecoder
+
+        decoder = ApiDecoder(cfg, api_key, api_timeout)
+        return _CompletionSource(decoder, {t.task_id: decoder.prompt_record(t) for t in tasks}, tokenizer)
+    if model is None:
+        from diffcoder.loading import load
+
+        model, tokenizer = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    if tokenizer is None:
+        raise ConfigError(f"{cfg.model} has no tokenizer files; the benchmarks need text prompts")
+    decoder = _Decoder(model, tokenizer, cfg)
+    prompt_ids = {t.task_id: encode(tokenizer, t, cfg.prompt_style, cfg.model) for t in pending_tasks(pending)}
+    return _CompletionSource(decoder, {k: tokenizer.decode(v) for k, v in prompt_ids.items()}, tokenizer, prompt_ids)
+
+
+class _Scorer:
+    """Runs each sample's test in the sandbox and appends its record; called from the thread pool."""
+
+    def __init__(self, sandbox: Sandbox, records_path: Path, bar: _Progress,
+                 on_record: Callable[[dict], None] | None):
+        self.sandbox, self.records_path, self.bar, self.on_record = sandbox, records_path, bar, on_record
+        self.lock = threading.Lock()
+        self.sandbox_errors: list[str] = []
+
+    def finish(self, rec: dict, program: str) -> None:
+        result = self.sandbox.run(program)
+        if result.kind == "sandbox_error":  # our failure, not the program's: leave it for a rerun
+            with self.lock:
+                self.sandbox_errors.append(result.detail)
+            return
+        rec.update(passed=result.passed, kind=result.kind, detail=result.detail, exec_seconds=result.wall_s)
+        with self.lock:
+            with open(self.records_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+        self.bar.finished(result.passed)
+        if self.on_record is not None:
+            self.on_record(rec)
+
+    def warn_sandbox_errors(self) -> None:
+        if self.sandbox_errors:
+            print(f"warning: {len(self.sandbox_errors)} test runs failed inside the sandbox itself and were not "
+                  f"recorded (rerun the same command to retry them); first error: {self.sandbox_errors[0]}",
+                  file=sys.stderr)
+
+
+def _batch_generator(cfg: EvalConfig, batch: list[tuple[Task, int]]) -> torch.Generator:
+    # seeded by the batch's first sample, so a resumed run samples what an uninterrupted one would have
+    task, j = batch[0]
+    seed = cfg.seed * 1_000_003 + zlib.crc32(f"{task.task_id}/{j}".encode())
+    return torch.Generator(device=cfg.device).manual_seed(seed)
+
+
+def _row_tokens(row: dict) -> int:
+    return row.get("tokens", len(row.get("ids", ())))
+
+
+def _generate_and_score(cfg: EvalConfig, source: _CompletionSource, pending: list[tuple[Task, int]],
+                        scorer: _Scorer) -> None:
+    """Generate batch by batch; each sample's test runs in a thread pool, overlapping the next batch's generation."""
+    futures: list[Future] = []
+    attempt = f"{int(time.time())}-{os.getpid()}"
+    with ThreadPoolExecutor(max_workers=_sandbox_workers(cfg)) as pool:
+        for b0 in range(0, len(pending), cfg.batch_size):
+            batch = pending[b0 : b0 + cfg.batch_size]
+            gen = _batch_generator(cfg, batch)
+            t0 = time.perf_counter()
+            rows, batch_forwards = source.generate(batch, gen if cfg.decoding.get("temperature") else None)
+            seconds = time.perf_counter() - t0
+            scorer.bar.generated(sum(_row_tokens(r) for r in rows), seconds)
+            batch_info = {"seconds": seconds, "batch": f"{attempt}/{b0}", "batch_size": len(batch),
+                          "batch_forwards": batch_forwards}
+            for rec, program in _batch_records(cfg, source, batch, rows, batch_info):
+                futures.append(pool.submit(scorer.finish, rec, program))
+        for fut in futures:
+            fut.result()
+    scorer.bar.close()
+
+
+def _batch_records(cfg: EvalConfig, source: _CompletionSource, batch: list[tuple[Task, int]], rows: list[dict],
+                   batch_info: dict) -> Iterator[tuple[dict, str]]:
+    """Each sample's record, short of its test result, with the test program to run; yielded one by one so each
+    test starts while the rest of the batch is still being extracted."""
+    for (task, j), row in zip(batch, rows):
+        raw = source.raw_text(row)
+        code = task.completion_code(raw, cfg.prompt_style)
+        rec = {
+            "task_id": task.task_id, "sample": j, "prompt": source.prompt_of[task.task_id],
+            "raw_output": raw, "code": code, "tokens": _row_tokens(row), "forwards": row["forwards"],
+            **batch_info,
+        }
+        yield rec, task.program(code, cfg.prompt_style)
 
 
 def pending_tasks(pending: list[tuple[Task, int]]) -> list[Task]:
