@@ -19,15 +19,18 @@ import sys
 import sysconfig
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from diffcoder.errors import ConfigError, DiffcoderError
+
+if TYPE_CHECKING:
+    from diffcoder.fim import FimTokens
 
 DEFAULT_EXTENSIONS = (".py", ".pyi", ".c", ".h", ".cpp", ".hpp", ".cc", ".js", ".ts", ".java", ".go", ".rs", ".rb",
                       ".sh", ".md", ".rst", ".txt", ".toml", ".yaml", ".yml", ".json", ".html", ".css", ".sql")
@@ -244,88 +247,132 @@ def build_corpus(
     fim_rate > 0: that share of documents is FIM-transformed (`document_ids`); a tokenizer without FIM tokens gets
     ours added (`fim.ensure_fim_tokens`), and the index records their names and ids so the trainer gives the model
     the same ones."""
+    _check_corpus_fractions(val_fraction, fim_rate)
+    fim = _fim_tokens(tokenizer) if fim_rate > 0 else None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eos = _eos_token_id(tokenizer)
+    vocab = len(tokenizer)  # after the FIM tokens were added
+    dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+    writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
+    documents = iter_documents(sources, text_field, max_files)
+    stats = _pack_documents(documents, tokenizer, eos, writers, val_fraction, max_tokens, fim, fim_rate, fim_seed)
+    for w in writers.values():
+        w.flush()
+    if not stats.documents:
+        raise DiffcoderError(f"the corpus {sources} has no readable non-empty documents; check the paths "
+                             "(files over 1 MiB and non-UTF-8 files are skipped)")
+    summary = _corpus_summary(stats, writers, with_fim=fim is not None, val_fraction=val_fraction)
+    index = {
+        "format": "diffcoder-packed-v1", "dtype": dtype.name, "vocab_size": vocab, "eos_token_id": eos,
+        "tokenizer": tokenizer_spec, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "val_fraction": val_fraction, "sources": sources, "shards": {s: w.shards for s, w in writers.items()},
+        "summary": summary,
+    }
+    if fim is not None:  # the FIM tokens the data uses (the trainer adds them to the model under these ids)
+        index["fim"] = {"rate": fim_rate, "seed": fim_seed, "tokens": fim.to_dict()}
+    _write_json_atomically(out / INDEX, index)
+    return index
+
+
+def _check_corpus_fractions(val_fraction: float, fim_rate: float) -> None:
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not 0 <= fim_rate <= 1:
         raise ConfigError(f"fim_rate must be in [0, 1], got {fim_rate}")
-    fim = None
-    if fim_rate > 0:
-        from diffcoder.fim import ensure_fim_tokens
 
-        fim, _ = ensure_fim_tokens(tokenizer)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _fim_tokens(tokenizer) -> FimTokens:
+    """The tokenizer's FIM tokens, ours added to it when it has none."""
+    from diffcoder.fim import ensure_fim_tokens
+
+    fim, _ = ensure_fim_tokens(tokenizer)
+    return fim
+
+
+def _eos_token_id(tokenizer) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DiffcoderError("the tokenizer has no EOS token to separate packed documents; use another tokenizer")
-    vocab = len(tokenizer)
-    dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
-    writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
+    return eos
+
+
+def _content_digest(text: str) -> str:
+    # surrogatepass: a lone surrogate (from a JSON record) still hashes instead of failing the build
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass
+class _CorpusStats:
+    """What packing counted, for the summary (Counters keep the order keys first appeared in)."""
+    documents: Counter = field(default_factory=Counter)  # per split
+    fim_documents: Counter = field(default_factory=Counter)  # per split
+    language_documents: Counter = field(default_factory=Counter)
+    language_tokens: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+    tokens: int = 0
+
+    def add(self, split: str, language: str, n_tokens: int, is_fim: bool) -> None:
+        self.documents[split] += 1
+        self.fim_documents[split] += is_fim
+        self.language_documents[language] += 1
+        self.language_tokens[language] += n_tokens
+        self.tokens += n_tokens
+
+
+def _pack_documents(documents: Iterator[Document], tokenizer, eos: int, writers: dict[str, _ShardWriter],
+                    val_fraction: float, max_tokens: int | None, fim, fim_rate: float,
+                    fim_seed: int) -> _CorpusStats:
+    """Tokenize each distinct non-empty document into its split's shards, with a progress bar, until
+    `max_tokens`."""
+    stats = _CorpusStats()
     seen: set[str] = set()
-    docs = Counter()
-    dupes = 0
-    lang_docs: Counter = Counter()
-    lang_tokens: Counter = Counter()
-    fim_docs: Counter = Counter()
-    total = 0
     pbar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, total=max_tokens, file=sys.stderr)
-    for doc in iter_documents(sources, text_field, max_files):
+    for doc in documents:
         if not doc.text.strip():
             continue
-        digest = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).hexdigest()
+        digest = _content_digest(doc.text)
         if digest in seen:
-            dupes += 1
+            stats.duplicates += 1
             continue
         seen.add(digest)
         ids, is_fim = document_ids(doc.text, digest, tokenizer, eos, fim, fim_rate, fim_seed)
         split = "val" if is_held_out(digest, val_fraction) else "train"
         writers[split].add(ids)
-        docs[split] += 1
-        fim_docs[split] += is_fim
-        lang = language_of(doc.name)
-        lang_docs[lang] += 1
-        lang_tokens[lang] += len(ids)
-        total += len(ids)
+        stats.add(split, language_of(doc.name), len(ids), is_fim)
         pbar.update(len(ids))
-        if max_tokens is not None and total >= max_tokens:
+        if max_tokens is not None and stats.tokens >= max_tokens:
             break
     pbar.close()
-    for w in writers.values():
-        w.flush()
-    if not docs:
-        raise DiffcoderError(f"the corpus {sources} has no readable non-empty documents; check the paths "
-                             "(files over 1 MiB and non-UTF-8 files are skipped)")
+    return stats
+
+
+def _corpus_summary(stats: _CorpusStats, writers: dict[str, _ShardWriter], with_fim: bool,
+                    val_fraction: float) -> dict[str, Any]:
+    """The index's summary; prints (and records) the warning when the held-out split is too small."""
     tokens = {s: sum(sh["tokens"] for sh in w.shards) for s, w in writers.items()}
-    summary = {
-        "documents": dict(docs),
-        "duplicates_removed": dupes,
+    langs = stats.language_tokens.most_common()
+    summary: dict[str, Any] = {
+        "documents": dict(stats.documents),
+        "duplicates_removed": stats.duplicates,
         "tokens": tokens,
-        "languages": {k: {"documents": lang_docs[k], "tokens": lang_tokens[k]} for k, _ in lang_tokens.most_common()},
+        "languages": {k: {"documents": stats.language_documents[k], "tokens": stats.language_tokens[k]}
+                      for k, _ in langs},
     }
-    if fim is not None:
-        summary["fim_documents"] = dict(fim_docs)
-    warning = val_split_warning(docs, tokens, val_fraction)
+    if with_fim:
+        summary["fim_documents"] = dict(stats.fim_documents)
+    warning = val_split_warning(stats.documents, tokens, val_fraction)
     if warning:
         summary["warnings"] = [warning]
         _warn(warning)
-    index = {
-        "format": "diffcoder-packed-v1",
-        "dtype": dtype.name,
-        "vocab_size": vocab,
-        "eos_token_id": eos,
-        "tokenizer": tokenizer_spec,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "val_fraction": val_fraction,
-        "sources": sources,
-        "shards": {s: w.shards for s, w in writers.items()},
-        "summary": summary,
-    }
-    if fim is not None:  # the FIM tokens the data uses (the trainer adds them to the model under these ids)
-        index["fim"] = {"rate": fim_rate, "seed": fim_seed, "tokens": fim.to_dict()}
-    tmp = out / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, out / INDEX)
-    return index
+    return summary
+
+
+def _write_json_atomically(path: Path, obj: Any) -> None:
+    # through a .tmp and a rename, so an interrupted build never leaves a half-written file
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def val_split_warning(docs: Counter, tokens: dict[str, int], val_fraction: float) -> str | None:
@@ -504,22 +551,38 @@ def build_sft(
     if mine:
         samples = mine_instruction_pairs(iter_documents(sources, max_files=max_files), max_pairs)
     else:
-        def chat_records() -> Iterator[dict[str, Any]]:
-            for s in sources:
-                p = Path(s)
-                if not p.is_file():
-                    raise DiffcoderError(f"SFT source {s} is not a file; give chat JSONL files (or --mine)")
-                yield from _iter_jsonl_records(p)
-        samples = chat_records()
-    counts = Counter()
+        samples = _chat_records(sources)
+    counts = _write_sft_splits(samples, tokenizer, out, val_fraction, max_pairs, max_prompt_tokens)
+    _check_sft_splits(counts, sources, val_fraction)
+    for s in SFT_FILE:
+        os.replace(out / (SFT_FILE[s] + ".tmp"), out / SFT_FILE[s])
+    index = {"format": "diffcoder-sft-v1", "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+             "tokenizer": tokenizer_spec, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+             "summary": dict(counts)}
+    (out / INDEX).write_text(json.dumps(index, indent=2))
+    return index
+
+
+def _chat_records(sources: list[str]) -> Iterator[dict[str, Any]]:
+    for s in sources:
+        p = Path(s)
+        if not p.is_file():
+            raise DiffcoderError(f"SFT source {s} is not a file; give chat JSONL files (or --mine)")
+        yield from _iter_jsonl_records(p)
+
+
+def _write_sft_splits(samples: Iterator[dict[str, Any]], tokenizer, out: Path, val_fraction: float,
+                      max_pairs: int | None, max_prompt_tokens: int | None) -> Counter:
+    """Tokenize each distinct sample into its split's `.tmp` file, with a progress bar; returns the counts
+    (the caller renames the files once the counts pass)."""
+    counts: Counter = Counter()
     seen: set[str] = set()
     fhs = {s: open(out / (SFT_FILE[s] + ".tmp"), "w") for s in SFT_FILE}
     try:
         for i, rec in enumerate(tqdm(samples, desc="SFT pairs", unit="pair", file=sys.stderr)):
             if max_pairs is not None and i >= max_pairs:
                 break
-            key = json.dumps(rec["messages"], sort_keys=True)
-            digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            digest = _content_digest(json.dumps(rec["messages"], sort_keys=True))
             if digest in seen:
                 counts["duplicates_removed"] += 1
                 continue
@@ -535,6 +598,11 @@ def build_sft(
     finally:
         for fh in fhs.values():
             fh.close()
+    return counts
+
+
+def _check_sft_splits(counts: Counter, sources: list[str], val_fraction: float) -> None:
+    """An error when nothing was found to train on; a warning when nothing was held out."""
     if not counts["train"]:
         raise DiffcoderError(f"no SFT pairs found in {sources}; check the files (chat JSONL with `messages`)")
     if val_fraction > 0 and not counts["val"]:
@@ -542,13 +610,6 @@ def build_sft(
         _warn(f"the held-out (val) split is empty: 0 of {counts['train']} pairs were held out at --val-fraction "
               f"{val_fraction}, so training logs no held-out loss; raise --val-fraction (to about {want}) or add "
               "pairs")
-    for s in SFT_FILE:
-        os.replace(out / (SFT_FILE[s] + ".tmp"), out / SFT_FILE[s])
-    index = {"format": "diffcoder-sft-v1", "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-             "tokenizer": tokenizer_spec, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-             "summary": dict(counts)}
-    (out / INDEX).write_text(json.dumps(index, indent=2))
-    return index
 
 
 def _iter_jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
