@@ -1,4 +1,4 @@
-"""Warmup ablation on the embedded default (DESIGN §3): block-diffusion CPT of SmolLM2-135M-Instruct (+ mask token)
+"""Warmup ablation on the embedded default (docs/design.md §3): block-diffusion CPT of SmolLM2-135M-Instruct (+ mask token)
 with and without the u_max warmup, same data/LR/seed. Writes both runs' logs, a side-by-side PNG of loss and
 grad norm, and a JSON summary (peak grad norm of each).
 

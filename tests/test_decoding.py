@@ -1,5 +1,5 @@
-"""The decoder against a deliberately simple reference written here from DESIGN §2: no cache, no batching, full
-recomputation of the whole visible canvas every step, plain Python loops."""
+"""The decoder against a deliberately simple reference written here from the rules of docs/design.md §2: no cache,
+no batching, full recomputation of the whole visible canvas every step, plain Python loops."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from diffcoder.decoding import generate
@@ -14,6 +15,23 @@ CONTEXT = 4096  # long enough that a request can outlive a client (disconnect te
 FIM_PREFIX = "def add(a, b):\n    "
 FIM_SUFFIX = "\n\nprint(add(1, 2))\n"
 FIM_PAD = "<|fim_pad|>"
+
+
+POISON = [7, 7, 7, 7]  # a prompt the decoder patched by `poison_decoder` fails on
+
+
+def poison_decoder(monkeypatch, make_error: Callable[[], BaseException]) -> None:
+    """The server's decoder raises `make_error()` for any batch holding the POISON prompt and decodes the rest."""
+    import diffcoder.serving.engine as engine_module
+
+    real = engine_module.generate
+
+    def generate_or_fail(model, prompts, **kw):
+        if any(list(p) == POISON for p in prompts):
+            raise make_error()
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(engine_module, "generate", generate_or_fail)
 
 
 def free_port() -> int:

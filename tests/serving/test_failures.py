@@ -7,23 +7,13 @@ import json
 
 import httpx
 import pytest
-from serving_helpers import LiveServer
-
-import diffcoder.serving.engine as engine_module
-
-POISON = [7, 7, 7, 7]  # a prompt the wrapped decoder refuses, standing in for any failure inside a batch
+from serving_helpers import POISON, LiveServer, poison_decoder
 
 
 @pytest.fixture()
 def failing_server(checkpoint, monkeypatch):
-    real = engine_module.generate
-
-    def generate(model, prompts, **kw):
-        if any(list(p) == POISON for p in prompts):
-            raise RuntimeError("simulated failure inside the decoder")
-        return real(model, prompts, **kw)
-
-    monkeypatch.setattr(engine_module, "generate", generate)
+    # POISON stands in for any failure inside a batch
+    poison_decoder(monkeypatch, lambda: RuntimeError("simulated failure inside the decoder"))
     s = LiveServer(checkpoint, max_batch=4, max_queue=8)
     yield s
     s.close()

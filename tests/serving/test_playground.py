@@ -29,6 +29,18 @@ def page():
         browser.close()
 
 
+def generate_counting_commits(page) -> list[int]:
+    """Click Generate and wait for the end, recording how many slots are committed after every change of the
+    canvas (tokens must appear over time); returns those counts."""
+    page.evaluate("""() => { window.__counts = [];
+        new MutationObserver(() => window.__counts.push(
+            document.querySelectorAll('#canvas .slot.committed').length))
+          .observe(document.getElementById('canvas'), {childList: true}); }""")
+    page.click("#generate")
+    page.wait_for_selector("body[data-state=done]", timeout=60000)
+    return page.evaluate("window.__counts")
+
+
 def test_playground_shows_the_denoising(page, server, tmp_path):
     page.goto(server.base + "/")
     page.wait_for_selector("body[data-state=ready]", timeout=20000)
@@ -43,22 +55,15 @@ def test_playground_shows_the_denoising(page, server, tmp_path):
     page.select_option("#mode", "chat")
     page.fill("#max_tokens", "24")
     page.fill("#steps_per_block", "2")
-    # record how many slots are committed after every change of the canvas: tokens must appear over time
-    page.evaluate("""() => { window.__counts = [];
-        new MutationObserver(() => window.__counts.push(
-            document.querySelectorAll('#canvas .slot.committed').length))
-          .observe(document.getElementById('canvas'), {childList: true}); }""")
-    page.click("#generate")
-    page.wait_for_selector("body[data-state=done]", timeout=60000)
+    counts = generate_counting_commits(page)
 
     api = httpx.post(server.base + "/v1/chat/completions", timeout=60, json={
         "model": server.model_name, "messages": [{"role": "user", "content": prompt}],
         "max_tokens": 24, "steps_per_block": 2}).json()
     P = api["usage"]["prompt_tokens"]
-    # slots committed per step (DESIGN §2.3): 2 steps per block, a 1-slot block takes 1
+    # slots committed per step (docs/design.md §2.3): 2 steps per block, a 1-slot block takes 1
     sizes = [c for s, e in block_spans(P, 24, 4) for c in commit_counts(e - max(s, P), 2) if c]
     n_steps = len(sizes)
-    counts = page.evaluate("window.__counts")
     assert len(set(counts)) > 3 and counts == sorted(counts), counts  # 2 per step, growing
     slots = page.query_selector_all("#canvas .slot")
     assert len(slots) == 24  # the whole canvas, every slot committed
@@ -120,17 +125,11 @@ def test_playground_infill_mode(page, fim_server, server, tmp_path):
     page.fill("#prefix", FIM_PREFIX)
     page.fill("#suffix", FIM_SUFFIX)
     page.fill("#max_tokens", "24")
-    page.evaluate("""() => { window.__counts = [];
-        new MutationObserver(() => window.__counts.push(
-            document.querySelectorAll('#canvas .slot.committed').length))
-          .observe(document.getElementById('canvas'), {childList: true}); }""")
-    page.click("#generate")
-    page.wait_for_selector("body[data-state=done]", timeout=60000)
+    counts = generate_counting_commits(page)
 
     api = httpx.post(fim_server.base + "/v1/completions", timeout=60, json={
         "model": fim_server.model_name, "prompt": FIM_PREFIX, "suffix": FIM_SUFFIX, "max_tokens": 24}).json()
     middle = api["choices"][0]["text"]
-    counts = page.evaluate("window.__counts")
     assert len(set(counts)) > 3 and counts == sorted(counts), counts  # the middle filled in over several steps
     # the canvas: the prefix, then the slots, then the suffix
     kinds = page.evaluate("""() => [...document.getElementById('canvas').children].map(

@@ -9,11 +9,7 @@ import time
 
 import httpx
 import pytest
-from serving_helpers import LiveServer, expected_answer, metric_value
-
-import diffcoder.serving.engine as engine_module
-
-POISON = [7, 7, 7, 7]  # a prompt the wrapped decoder dies on
+from serving_helpers import POISON, LiveServer, expected_answer, metric_value, poison_decoder
 
 
 class Crash(BaseException):
@@ -22,14 +18,7 @@ class Crash(BaseException):
 
 @pytest.fixture()
 def crashing_decoder(monkeypatch):
-    real = engine_module.generate
-
-    def generate(model, prompts, **kw):
-        if any(list(p) == POISON for p in prompts):
-            raise Crash("simulated death of the decoder thread")
-        return real(model, prompts, **kw)
-
-    monkeypatch.setattr(engine_module, "generate", generate)
+    poison_decoder(monkeypatch, lambda: Crash("simulated death of the decoder thread"))  # POISON kills the thread
 
 
 def health_samples(base: str, stop: threading.Event, out: list[float]) -> None:

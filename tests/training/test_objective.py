@@ -1,4 +1,4 @@
-"""The DESIGN §3 objective, each formula checked directly."""
+"""The objective of docs/design.md §3, each formula checked directly."""
 
 from __future__ import annotations
 
