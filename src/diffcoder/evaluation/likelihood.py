@@ -12,11 +12,17 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from diffcoder.errors import ConfigError
 from diffcoder.masks import block_causal_mask
-from diffcoder.nelbo import EVAL_NOISE_SEED, diffusion_nelbo, nelbo_loss_sum, t_grid
+from diffcoder.nelbo import (
+    EVAL_NOISE_SEED,
+    ar_scored_rows,
+    diffusion_nelbo,
+    logits_loss_sum,
+    nelbo_loss_sum,
+    t_grid,
+)
 
 
 @torch.no_grad()
@@ -26,11 +32,12 @@ def ar_nll(model, x0: torch.Tensor) -> tuple[float, int]:
     dev = model.device
     pos = torch.arange(L, device=dev)
     logits = model(x0.to(dev), pos[None].expand(b, L), block_causal_mask(pos, pos, 1)[None, None])
-    logits = logits[:, :-1].double()
     mask_id = model.config.mask_token_id
-    if mask_id is not None and mask_id < logits.shape[-1]:
-        logits[..., mask_id] = -math.inf
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x0[:, 1:].to(dev).reshape(-1), reduction="sum")
+    suppress = mask_id if mask_id is not None and mask_id < logits.shape[-1] else None
+    # the trainer's eval_ar_nll scores the same rows (nelbo.ar_scored_rows) with the same suppression
+    scored = ar_scored_rows(b, L).to(dev)
+    weights = torch.ones(b * (L - 1), dtype=torch.float64, device=dev)
+    nll = logits_loss_sum(logits.double(), x0.to(dev), scored, weights, suppress_id=suppress)
     return float(nll), b * (L - 1)
 
 
