@@ -1,20 +1,31 @@
 """Block-diffusion decoding with the official Stable-DiffCoder semantics (docs/design.md §2), batched and cached.
 
-The rule itself is four small pure functions: `block_spans` (where the blocks are), `commit_counts` (how many
-slots each step commits), `propose` (a token and a confidence per slot) and `choose_commits` (which slots to
-commit). `generate` drives them: one forward per step over the current block, earlier blocks from the KV cache,
-and the forward that writes a finished block's clean keys fused into the next block's first step.
+The rule itself is four small pure functions in `diffcoder.decode_rule` (re-exported here): `block_spans` (where
+the blocks are), `commit_counts` (how many slots each step commits), `propose` (a token and a confidence per slot)
+and `choose_commits` (which slots to commit). `generate` drives them: one forward per step over the current block,
+earlier blocks from the KV cache, and the forward that writes a finished block's clean keys fused into the next
+block's first step. On CUDA, `generate` and `generate_ar` hand the batch to `diffcoder.static_decoding` (fixed
+shapes, no host syncs inside a block, CUDA graphs): same rule, same tokens.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from diffcoder.decode_batch import ActiveRows, Canvas, DecodeEvent, GenerationResult
+from diffcoder.decode_rule import (
+    StepRule,
+    block_spans,
+    choose_commits,
+    commit_counts,
+    denoise_step,
+    filter_logits,
+    propose,
+    token_logprobs,
+)
 from diffcoder.errors import DecodingError
 from diffcoder.masks import canvas_attention_mask
 from diffcoder.settings import REMASKING
@@ -22,170 +33,11 @@ from diffcoder.settings import REMASKING
 if TYPE_CHECKING:  # decoding needs only the model's interface, so it does not import the model module
     from diffcoder.model import DiffusionLM
 
-# ---------------------------------------------------------------------------------------------------------
-# The rule (pure functions)
-
-
-def block_spans(prompt_len: int, gen_length: int, block: int) -> list[tuple[int, int]]:
-    """Generation blocks [start, end) aligned to absolute multiples of `block` (docs/design.md §2.2).
-
-    With r = P % B != 0 the first block holds the prompt tail and the last is shortened to r slots."""
-    first = prompt_len - prompt_len % block
-    end = prompt_len + gen_length
-    return [(s, min(s + block, end)) for s in range(first, end, block)]
-
-
-def commit_counts(n_masks: int, steps: int) -> list[int]:
-    """Split n masks over `steps` steps: each gets n // S, the first n % S one more (docs/design.md §2.3)."""
-    base, extra = divmod(n_masks, steps)
-    return [base + (1 if j < extra else 0) for j in range(steps)]
-
-
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                  top_p: float | None = None) -> torch.Tensor:
-    """Sampling filters before the draw: keep the `top_k` most likely tokens, then the smallest set whose
-    probability under softmax(logits / T) reaches `top_p` (the most likely token always stays); the rest get
-    -inf. Ties at the cut keep the lower token id. None (or top_k 0, top_p 1) leaves a filter off."""
-    order = logits.argsort(dim=-1, descending=True, stable=True)
-    ranked = logits.gather(-1, order)
-    drop = torch.zeros_like(ranked, dtype=torch.bool)
-    if top_k:
-        drop[..., top_k:] = True
-    if top_p is not None and top_p < 1.0:
-        probs = torch.softmax(ranked.masked_fill(drop, -math.inf) / temperature, -1)
-        drop |= (probs.cumsum(-1) - probs) >= top_p  # the mass before a token already reaches top_p
-    return logits.scatter(-1, order, ranked.masked_fill(drop, -math.inf))
-
-
-def propose(
-    logits: torch.Tensor,
-    mask_id: int | None,
-    temperature: float = 0.0,
-    remasking: str = REMASKING[0],
-    generator: torch.Generator | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Proposed token and confidence per slot (docs/design.md §2.4). logits: [..., vocab] -> ([...], [...] float64).
-
-    top_k/top_p filter the draw at temperature > 0 only (greedy keeps the top token anyway); the confidence is
-    always read from the unfiltered distribution, as in the reference."""
-    logits = logits.to(torch.float64)
-    if mask_id is not None:
-        logits[..., mask_id] = -math.inf  # the mask token is never a prediction
-    if temperature > 0:
-        drawn = filter_logits(logits, temperature, top_k, top_p) if top_k or top_p is not None else logits
-        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-        x0 = (drawn.exp() / (-torch.log(u)) ** temperature).argmax(-1)
-    else:
-        x0 = logits.argmax(-1)
-    if remasking == "low_confidence":
-        confidence = torch.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
-    elif remasking == "random":
-        confidence = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
-    else:
-        raise DecodingError(f"remasking must be one of {', '.join(REMASKING)}, got {remasking!r}")
-    return x0, confidence
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int | None, top: int = 0):
-    """log p(token) under the model's distribution at this step (mask token suppressed, no temperature or
-    filters), and the `top` most likely (ids, logprobs) per slot. logits [n, vocab], tokens [n]."""
-    logits = logits.to(torch.float64)
-    if mask_id is not None:
-        logits[..., mask_id] = -math.inf
-    lp = torch.log_softmax(logits, -1)
-    chosen = lp.gather(-1, tokens[:, None])[:, 0]
-    best = lp.topk(min(top, lp.shape[-1]), dim=-1) if top > 0 else None
-    return chosen, best
-
-
-def choose_commits(
-    confidence: torch.Tensor, masked: torch.Tensor, k: torch.Tensor, threshold: float | None
-) -> torch.Tensor:
-    """Which masked slots to commit this step (docs/design.md §2.5). All [rows, slots]; k: [rows] counts.
-
-    threshold None: the k most confident masked slots. Else: the most confident one plus all with conf >= τ."""
-    conf = confidence.masked_fill(~masked, -math.inf)
-    if threshold is None:
-        rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-        return masked & (rank < k[:, None])
-    best = torch.zeros_like(masked)
-    best.scatter_(-1, conf.argmax(-1, keepdim=True), True)
-    return masked & (best | (conf >= threshold))
-
-
-@dataclass
-class StepRule:
-    """The settings that turn one step's logits into commits (docs/design.md §2.4, §2.5)."""
-
-    mask_id: int
-    temperature: float = 0.0
-    remasking: str = "low_confidence"
-    threshold: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    generator: torch.Generator | None = None
-
-
-def denoise_step(logits_m: torch.Tensor, masked: torch.Tensor, k: torch.Tensor, rule: StepRule
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the rule on a block: (proposed ids [rows, slots], which slots commit [rows, slots]).
-
-    logits_m: the logits of the still-masked slots only ([masked.sum(), vocab], in `masked`'s row-major order);
-    k: [rows] commit counts of this step."""
-    x0_m, conf_m = propose(logits_m, rule.mask_id, rule.temperature, rule.remasking, rule.generator, rule.top_k,
-                           rule.top_p)
-    x0 = torch.zeros(masked.shape, dtype=torch.long, device=masked.device).masked_scatter(masked, x0_m)
-    conf = torch.full(masked.shape, -math.inf, dtype=torch.float64, device=masked.device).masked_scatter(
-        masked, conf_m)
-    return x0, choose_commits(conf, masked, k, rule.threshold)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Events for streaming and visualisation
-
-
-@dataclass
-class DecodeEvent:
-    """kind: 'commit' (slots committed in a step), 'block' (a block is final), 'done' (the row is finished).
-
-    positions are absolute positions in the row's sequence (prompt starts at 0); forwards is the number of model
-    forwards the batch has run so far (on a 'done' event: what that row cost)."""
-
-    kind: str
-    row: int
-    block: int
-    step: int
-    positions: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    forwards: int = 0
-    logprobs: list[float] = field(default_factory=list)  # commits only, when asked: log p of each token
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # and the most likely alternatives
-
-
-@dataclass
-class GenerationResult:
-    sequences: list[torch.Tensor]  # prompt + generated ids per row
-    prompt_lengths: list[int]
-    forwards: int  # model forwards (NFE) for the whole batch
-    steps: int  # denoising steps that committed something, summed over rows
-
-    @property
-    def generated(self) -> list[torch.Tensor]:
-        return [s[p:] for s, p in zip(self.sequences, self.prompt_lengths)]
-
-    @property
-    def generated_tokens(self) -> int:
-        return sum(len(g) for g in self.generated)
-
-    def padded(self, pad_id: int, device=None) -> torch.Tensor:
-        """[N, L] ids, rows right-padded with pad_id (the EOS id, so a padded row still reads as stopped)."""
-        out = torch.full((len(self.sequences), max(len(x) for x in self.sequences)), pad_id, dtype=torch.long)
-        for i, x in enumerate(self.sequences):
-            out[i, : len(x)] = x
-        return out.to(device) if device is not None else out
-
+__all__ = [
+    "DecodeEvent", "GenerationResult", "StepRule", "block_spans", "check_prompt_fits", "choose_commits",
+    "commit_counts", "denoise_step", "filter_logits", "generate", "generate_ar", "propose", "stop_token",
+    "token_logprobs", "validate",
+]
 
 # ---------------------------------------------------------------------------------------------------------
 # Argument handling
@@ -252,32 +104,6 @@ def validate(prompt_len: int, gen_length: int, steps: int, block: int, max_posit
 
 # ---------------------------------------------------------------------------------------------------------
 # The driver: batched, cached
-
-
-class _ActiveRows:
-    """The rows still decoding: their original indices, and the finished sequences of the others."""
-
-    def __init__(self, n: int, on_event, cancelled):
-        self.rows = list(range(n))
-        self.finished: dict[int, torch.Tensor] = {}
-        self.on_event, self.cancelled = on_event, cancelled
-
-    def settle(self, r: int, done: bool, sequence: torch.Tensor, block: int, step: int, forwards: int) -> bool:
-        """Finish row r if it is done (or its caller went away); return whether it stays in the batch."""
-        if not done and self.cancelled is not None and self.cancelled(self.rows[r]):
-            done = True
-        if done:
-            self.finished[self.rows[r]] = sequence.cpu()
-            if self.on_event is not None:
-                self.on_event(DecodeEvent("done", self.rows[r], block, step, forwards=forwards))
-        return not done
-
-    def shrink(self, keep: list[int], cache, *tensors):
-        """Drop finished rows from the cache and from every per-row tensor given (None passes through)."""
-        idx = torch.tensor(keep)
-        cache.keep_rows(idx.to(cache.k[0].device))
-        self.rows = [self.rows[r] for r in keep]
-        return tuple(None if t is None else t[idx.to(t.device)] for t in tensors)
 
 
 @torch.no_grad()
@@ -352,68 +178,12 @@ def generate(
         S = validate(len(p), gen_length, steps, block, cfg.max_position_embeddings)
 
     rule = StepRule(mask_id, temperature, remasking, threshold, top_k, top_p, generator)
-    events = _Events(_ActiveRows(len(prompts), on_event, cancelled), on_event, mask_id, logprobs)
+    events = _Events(ActiveRows(len(prompts), on_event, cancelled), on_event, mask_id, logprobs)
     result = _decode(model, prompts, S, gen_length, rule, block, shift, eos_id, events)
     if max_new_tokens is not None:
         result.sequences = [s[: p + max_new_tokens] for s, p in zip(result.sequences, result.prompt_lengths)]
     return result if return_result else result.padded(eos_id if eos_id is not None else (cfg.pad_token_id or 0),
                                                       model.device)
-
-
-class _Canvas:
-    """The batch on one canvas: each row left-padded by a multiple of B, so every row's blocks fall on the same
-    columns; `to_fill` marks the generation slots still masked."""
-
-    def __init__(self, prompts: list[torch.Tensor], gen_length: int, block: int, mask_id: int, device):
-        lens = torch.tensor([len(p) for p in prompts])
-        first_block = lens - lens % block
-        self.t0 = int(first_block.max())  # the column where the first generation block starts
-        self.pads = self.t0 - first_block
-        self.lens = lens
-        self.ends = self.pads + lens + gen_length  # exclusive canvas end per row
-        self.n_blocks = -(-(int(self.ends.max()) - self.t0) // block)
-        self.block = block
-        width = self.t0 + self.n_blocks * block
-        cols = torch.arange(width)
-        valid = (cols >= self.pads[:, None]) & (cols < self.ends[:, None])  # real tokens (prompt or generation)
-        to_fill = (cols >= (self.pads + lens)[:, None]) & valid
-        ids = torch.full((len(prompts), width), mask_id, dtype=torch.long)
-        ids[~valid] = 0  # padding columns: never attended to, any id will do
-        for i, p in enumerate(prompts):
-            ids[i, self.pads[i] : self.pads[i] + lens[i]] = p
-        self.ids, self.valid, self.to_fill = ids.to(device), valid.to(device), to_fill.to(device)
-        self.positions = (cols.to(device)[None] - self.pads.to(device)[:, None]).clamp(min=0)
-
-    @property
-    def width(self) -> int:
-        return self.ids.shape[1]
-
-    def span(self, b: int) -> tuple[int, int]:
-        return self.t0 + b * self.block, self.t0 + (b + 1) * self.block
-
-    def commit(self, s: int, e: int, x0: torch.Tensor, commit: torch.Tensor) -> None:
-        self.ids[:, s:e] = torch.where(commit, x0, self.ids[:, s:e])
-        self.to_fill[:, s:e] &= ~commit
-
-    def finish_block(self, r: int, s: int, e: int, eos_id: int | None) -> tuple[bool, int, int]:
-        """After block [s, e) of row r is clean: (row done, first generated column, block end in the row).
-        EOS in the generated part fills the rest of the block with EOS and ends the row (docs/design.md §2.6)."""
-        row_end = int(self.ends[r])
-        blk_end = min(e, row_end)
-        gen_start = max(s, int(self.pads[r] + self.lens[r]))
-        done = blk_end >= row_end
-        if eos_id is not None and gen_start < blk_end:
-            hits = torch.nonzero(self.ids[r, gen_start:blk_end] == eos_id).flatten()
-            if len(hits):
-                self.ids[r, gen_start + int(hits[0]) : blk_end] = eos_id
-                done = True
-        return done, gen_start, blk_end
-
-    def keep_rows(self, idx: torch.Tensor) -> None:
-        on_device = idx.to(self.ids.device)
-        self.ids, self.valid, self.to_fill, self.positions = (
-            t[on_device] for t in (self.ids, self.valid, self.to_fill, self.positions))
-        self.pads, self.lens, self.ends = (t[idx] for t in (self.pads, self.lens, self.ends))
 
 
 class _BlockForward:
@@ -428,7 +198,7 @@ class _BlockForward:
         self.prev_hidden = None  # final hidden state at column (block start - 1)
         self.forwards = 0
 
-    def block_hidden(self, canvas: _Canvas, s: int, e: int) -> torch.Tensor:
+    def block_hidden(self, canvas: Canvas, s: int, e: int) -> torch.Tensor:
         """[rows, e - s, H]: the hidden state that predicts each slot of block [s, e)."""
         start = self.committed
         dev = canvas.ids.device
@@ -455,7 +225,7 @@ class _BlockForward:
 
 def _decode(model, prompts: list[torch.Tensor], S: int, gen_length: int, rule: StepRule, block: int, shift: bool,
             eos_id: int | None, events: _Events) -> GenerationResult:
-    canvas = _Canvas(prompts, gen_length, block, rule.mask_id, model.device)
+    canvas = Canvas(prompts, gen_length, block, rule.mask_id, model.device)
     fwd = _BlockForward(model, len(prompts), canvas.width, block, shift)
     active = events.active
     steps_taken = 0
@@ -497,11 +267,11 @@ def _decode(model, prompts: list[torch.Tensor], S: int, gen_length: int, rule: S
 class _Events:
     """Streaming: commit and block events of the rows still decoding (a no-op without `on_event`)."""
 
-    def __init__(self, active: _ActiveRows, on_event, mask_id: int, logprobs: int | None):
+    def __init__(self, active: ActiveRows, on_event, mask_id: int, logprobs: int | None):
         self.active, self.on_event, self.mask_id = active, on_event, mask_id
         self.logprobs = logprobs if on_event is not None else None
 
-    def commits(self, canvas: _Canvas, commit, x0, masked, logits_m, b: int, step: int, s: int, forwards: int):
+    def commits(self, canvas: Canvas, commit, x0, masked, logits_m, b: int, step: int, s: int, forwards: int):
         if self.on_event is None:
             return
         scores = (_slot_logprobs(logits_m, x0[masked], masked, self.mask_id, self.logprobs)
@@ -514,7 +284,7 @@ class _Events:
                 ev.logprobs, ev.top_logprobs = scores(r, c)
             self.on_event(ev)
 
-    def block(self, canvas: _Canvas, r: int, b: int, step: int, gen_start: int, blk_end: int, forwards: int):
+    def block(self, canvas: Canvas, r: int, b: int, step: int, gen_start: int, blk_end: int, forwards: int):
         if self.on_event is not None and gen_start < blk_end:
             pad = int(canvas.pads[r])
             self.on_event(DecodeEvent("block", self.active.rows[r], b, step, list(range(gen_start - pad,
@@ -573,7 +343,7 @@ def generate_ar(
     positions = (cols[None] - pads[:, None]).clamp(min=0)
     padded = bool((pads > 0).any())
     cache = model.new_cache(N, width)
-    active = _ActiveRows(N, on_event, cancelled)
+    active = ActiveRows(N, on_event, cancelled)
     rows = active.rows
     q = torch.arange(P, device=device)
     attn = canvas_attention_mask(q, q, valid, 1)

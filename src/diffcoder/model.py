@@ -2,7 +2,8 @@
 
 RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP, optional q/k/v bias (Qwen2) and optional tied
 embeddings. Attention takes an explicit boolean mask (True = may attend), so the same weights run causal (AR),
-block-causal (inference) or the training mask over `[xt ; x0]`. A `KVCache` holds keys/values of earlier tokens.
+block-causal (inference) or the training mask over `[xt ; x0]`. A `KVCache` holds keys/values of earlier tokens;
+a `StaticKVCache` is the same buffers with fixed shapes for the GPU decode path.
 """
 
 from __future__ import annotations
@@ -130,6 +131,24 @@ class KVCache:
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
 
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Write this forward's keys/values at [start, start + len) and return keys/values [0, start + len)."""
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class StaticKVCache(KVCache):
+    """The same buffers, written by index at the columns in a device tensor, and read over their whole width
+    (the attention mask hides the columns not yet valid). No shape depends on where decoding is, so a decode
+    step has the same shapes every time and can be captured in a CUDA graph (`diffcoder.static_decoding`)."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor):  # type: ignore[override]
+        self.k[layer].index_copy_(2, cols, k)
+        self.v[layer].index_copy_(2, cols, v)
+        return self.k[layer], self.v[layer]
+
 
 def _is_block_mask(mask) -> bool:
     return mask is not None and type(mask).__name__ == "BlockMask"
@@ -157,17 +176,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer: int, cache_start: int):
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer: int, cache_start: int | torch.Tensor):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            end = cache_start + s
-            cache.k[layer][:, :, cache_start:end] = k
-            cache.v[layer][:, :, cache_start:end] = v
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+            k, v = cache.update(layer, k, v, cache_start)
         if _is_block_mask(attn_mask):  # flex_attention BlockMask (CUDA training); SDPA + dense bool mask otherwise
             y = _flex_attention(q.is_cuda)(q, k, v, block_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
         else:
@@ -233,10 +249,11 @@ class DiffusionLM(nn.Module):
         position_ids: torch.Tensor,
         attn_mask: torch.Tensor | None,
         cache: KVCache | None = None,
-        cache_start: int = 0,
+        cache_start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """Final-norm hidden states. attn_mask: bool [batch or 1, 1, q_len, k_len] (True = attend), or None
-        for full bidirectional attention. With a cache, k_len = cache_start + q_len."""
+        for full bidirectional attention. With a `KVCache`, k_len = cache_start + q_len; with a `StaticKVCache`,
+        cache_start is the tensor of the columns being written and k_len is the cache's width."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope_table(x.dtype, x.device)
         cos, sin = cos[position_ids], sin[position_ids]
@@ -275,8 +292,8 @@ class DiffusionLM(nn.Module):
             self._rope_table = table = (key, cos[0], sin[0])
         return table[1], table[2]
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+    def new_cache(self, batch: int, max_len: int, static: bool = False) -> KVCache:
+        return (StaticKVCache if static else KVCache)(self.config, batch, max_len, self.dtype, self.device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
