@@ -4,6 +4,8 @@ no batching, full recomputation of the whole visible canvas every step, plain Py
 from __future__ import annotations
 
 import itertools
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,14 @@ from diffcoder.model import block_causal_mask
 from diffcoder.testing import tiny_model
 
 MASK = 3
+
+
+@pytest.fixture(params=[False, True], ids=["cpu-path", "gpu-path"])
+def dec(request):
+    """Both decode paths: the CPU one and the GPU one (`static_decoding`: fixed shapes, no host syncs inside a
+    block), the latter run here on the CPU. Every test that takes `dec` must hold for both."""
+    return SimpleNamespace(static=request.param, generate=partial(generate, static_cache=request.param),
+                           generate_ar=partial(generate_ar, static_cache=request.param))
 
 
 @pytest.fixture(scope="module")
@@ -109,52 +119,53 @@ CASES = [
 
 @pytest.mark.parametrize("P,B,gen,steps,thr", CASES)
 @pytest.mark.parametrize("shift", [False, True])
-def test_matches_reference(model, P, B, gen, steps, thr, shift):
+def test_matches_reference(model, P, B, gen, steps, thr, shift, dec):
     prompt = torch.randint(4, 384, (P,), generator=torch.Generator().manual_seed(P * 100 + B)).tolist()
     ref = reference_generate(model, prompt, steps, gen, B, thr, None, shift)
-    res = generate(model, [prompt], steps=steps, gen_length=gen, block_length=B, threshold=thr, shift=shift,
+    res = dec.generate(model, [prompt], steps=steps, gen_length=gen, block_length=B, threshold=thr, shift=shift,
                    mask_id=MASK, eos_id=-1, return_result=True)
     assert res.sequences[0].tolist() == ref
     assert MASK not in res.sequences[0].tolist()
 
 
 @pytest.mark.parametrize("P", [5, 8, 10])
-def test_eos_stop_matches_reference(model, P):
+def test_eos_stop_matches_reference(model, P, dec):
     prompt = torch.randint(4, 384, (P,), generator=torch.Generator().manual_seed(P)).tolist()
-    free = generate(model, [prompt], steps=32, gen_length=32, block_length=4, mask_id=MASK, return_result=True,
+    free = dec.generate(model, [prompt], steps=32, gen_length=32, block_length=4, mask_id=MASK, return_result=True,
                     eos_id=-1).generated[0].tolist()
     eos = free[9]  # a token the model emits in its third block or so: it becomes the stop token
     ref = reference_generate(model, prompt, 32, 32, 4, None, eos)
-    out = generate(model, [prompt], steps=32, gen_length=32, block_length=4, mask_id=MASK, eos_id=eos,
+    out = dec.generate(model, [prompt], steps=32, gen_length=32, block_length=4, mask_id=MASK, eos_id=eos,
                    return_result=True).sequences[0].tolist()
     assert out == ref
     assert len(out) < P + 32 and out[-1] == eos and len(out) % 4 == 0
 
 
-def test_batch_equals_rows_alone(model):
+def test_batch_equals_rows_alone(model, dec):
     prompts = [torch.randint(4, 384, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                for n in (3, 9, 6, 12, 5)]
     eos = 100
     kw = dict(steps=24, gen_length=24, block_length=4, mask_id=MASK, eos_id=eos, return_result=True)
-    batch = generate(model, prompts, **kw)
+    batch = dec.generate(model, prompts, **kw)
     for i, p in enumerate(prompts):
-        alone = generate(model, [p], **kw)
+        alone = dec.generate(model, [p], **kw)
         assert batch.sequences[i].tolist() == alone.sequences[0].tolist()
-    padded = generate(model, prompts, **{**kw, "return_result": False})
+    padded = dec.generate(model, prompts, **{**kw, "return_result": False})
     assert padded.shape[0] == 5 and padded[0, : len(batch.sequences[0])].tolist() == batch.sequences[0].tolist()
 
 
-def test_forwards_per_block_is_exactly_steps(model):
+def test_forwards_per_block_is_exactly_steps(model, dec):
     prompt = list(range(10, 18))  # P % B == 0: 4 blocks of 4 masks, S = 4
-    res = generate(model, [prompt], steps=16, gen_length=16, block_length=4, mask_id=MASK, return_result=True,
+    res = dec.generate(model, [prompt], steps=16, gen_length=16, block_length=4, mask_id=MASK, return_result=True,
                    eos_id=-1)
-    assert res.forwards == 16  # the official loop spends 4 * (4 + 1) = 20
+    # the official loop spends 4 * (4 + 1) = 20; the GPU path runs the prompt's first block as a separate prefill
+    assert res.forwards == 16 + dec.static
 
 
-def test_events_replay_to_the_result(model):
+def test_events_replay_to_the_result(model, dec):
     prompt = list(range(20, 26))
     events = []
-    res = generate(model, [prompt], steps=8, gen_length=16, block_length=4, mask_id=MASK, return_result=True,
+    res = dec.generate(model, [prompt], steps=8, gen_length=16, block_length=4, mask_id=MASK, return_result=True,
                    on_event=events.append, eos_id=-1)
     canvas = {}
     for ev in events:
@@ -169,22 +180,22 @@ def test_events_replay_to_the_result(model):
     assert events[-1].forwards == res.forwards == 5 * 2  # 5 blocks (P % B = 2) x S = 2; on the done event
 
 
-def test_cancelled_row_stops_early(model):
+def test_cancelled_row_stops_early(model, dec):
     prompts = [list(range(10, 15)), list(range(30, 37))]
-    res = generate(model, prompts, steps=32, gen_length=32, block_length=4, mask_id=MASK, return_result=True,
+    res = dec.generate(model, prompts, steps=32, gen_length=32, block_length=4, mask_id=MASK, return_result=True,
                    cancelled=lambda row: row == 0, eos_id=-1)
     assert len(res.sequences[0]) < 5 + 32 and len(res.sequences[1]) == 7 + 32
 
 
-def test_max_new_tokens_rounds_up_and_trims(model):
+def test_max_new_tokens_rounds_up_and_trims(model, dec):
     prompt = list(range(10, 17))
-    res = generate(model, [prompt], max_new_tokens=10, block_length=4, mask_id=MASK, return_result=True, eos_id=-1)
-    full = generate(model, [prompt], gen_length=12, steps=12, block_length=4, mask_id=MASK, return_result=True,
+    res = dec.generate(model, [prompt], max_new_tokens=10, block_length=4, mask_id=MASK, return_result=True, eos_id=-1)
+    full = dec.generate(model, [prompt], gen_length=12, steps=12, block_length=4, mask_id=MASK, return_result=True,
                     eos_id=-1)
     assert res.sequences[0].tolist() == full.sequences[0].tolist()[: 7 + 10]
 
 
-def test_block_one_with_shift_is_greedy_ar(model):
+def test_block_one_with_shift_is_greedy_ar(model, dec):
     prompt = list(range(40, 47))
     x = torch.tensor([prompt])
     with torch.no_grad():
@@ -193,16 +204,16 @@ def test_block_one_with_shift_is_greedy_ar(model):
             logits = model(x, attn_mask=block_causal_mask(pos, pos, 1)[None, None])[:, -1]
             logits[:, MASK] = float("-inf")
             x = torch.cat([x, logits.argmax(-1, keepdim=True)], 1)
-    diff = generate(model, [prompt], steps=12, gen_length=12, block_length=1, shift=True, mask_id=MASK, eos_id=-1)
-    ar = generate_ar(model, [prompt], 12, eos_id=-1)
+    diff = dec.generate(model, [prompt], steps=12, gen_length=12, block_length=1, shift=True, mask_id=MASK, eos_id=-1)
+    ar = dec.generate_ar(model, [prompt], 12, eos_id=-1)
     assert diff[0].tolist() == x[0].tolist() == ar[0].tolist()
 
 
-def test_generate_ar_batch_equals_rows(model):
+def test_generate_ar_batch_equals_rows(model, dec):
     prompts = [list(range(5, 9)), list(range(50, 61)), [7]]
-    batch = generate_ar(model, prompts, 10, eos_id=77, return_result=True)
+    batch = dec.generate_ar(model, prompts, 10, eos_id=77, return_result=True)
     for i, p in enumerate(prompts):
-        assert batch.sequences[i].tolist() == generate_ar(model, [p], 10, eos_id=77, return_result=True).sequences[0].tolist()
+        assert batch.sequences[i].tolist() == dec.generate_ar(model, [p], 10, eos_id=77, return_result=True).sequences[0].tolist()
 
 
 def test_official_call_signature_unchanged(model):
@@ -212,11 +223,11 @@ def test_official_call_signature_unchanged(model):
     assert out.shape == (1, 13) and out[0, :5].tolist() == [11, 12, 13, 14, 15]
 
 
-def test_sampling_is_reproducible_with_a_generator(model):
+def test_sampling_is_reproducible_with_a_generator(model, dec):
     kw = dict(steps=8, gen_length=8, block_length=4, temperature=1.0, remasking="random", mask_id=MASK)
-    a = generate(model, [[5, 6, 7]], generator=torch.Generator().manual_seed(1), **kw)
-    b = generate(model, [[5, 6, 7]], generator=torch.Generator().manual_seed(1), **kw)
-    c = generate(model, [[5, 6, 7]], generator=torch.Generator().manual_seed(2), **kw)
+    a = dec.generate(model, [[5, 6, 7]], generator=torch.Generator().manual_seed(1), **kw)
+    b = dec.generate(model, [[5, 6, 7]], generator=torch.Generator().manual_seed(1), **kw)
+    c = dec.generate(model, [[5, 6, 7]], generator=torch.Generator().manual_seed(2), **kw)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

@@ -29,6 +29,7 @@ from diffcoder.decode_rule import (
 from diffcoder.errors import DecodingError
 from diffcoder.masks import canvas_attention_mask
 from diffcoder.settings import REMASKING
+from diffcoder.static_decoding import decode_static
 
 if TYPE_CHECKING:  # decoding needs only the model's interface, so it does not import the model module
     from diffcoder.model import DiffusionLM
@@ -106,6 +107,12 @@ def validate(prompt_len: int, gen_length: int, steps: int, block: int, max_posit
 # The driver: batched, cached
 
 
+def use_static_path(model, static_cache: bool | None) -> bool:
+    """The GPU decode path by default on CUDA; `static_cache` True/False forces either path (tests run the GPU
+    path on the CPU)."""
+    return model.device.type == "cuda" if static_cache is None else static_cache
+
+
 @torch.no_grad()
 def generate(
     model: DiffusionLM,
@@ -129,6 +136,8 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     logprobs: int | None = None,
+    static_cache: bool | None = None,
+    cuda_graphs: bool | None = None,
 ) -> torch.Tensor | GenerationResult:
     """Decode a batch of prompts. Accepts the official call unchanged; see docs/design.md §2 for the semantics.
 
@@ -140,6 +149,9 @@ def generate(
     blocks and drops that row (e.g. a client that went away). `top_k`/`top_p` filter the draw at temperature > 0
     (see `filter_logits`); `logprobs` (an int k >= 0) adds each committed token's log-probability at its commit
     step, and the k most likely alternatives, to the commit events.
+    `static_cache` picks the decode path: None (default) takes the GPU path (`diffcoder.static_decoding`: fixed
+    shapes, no host syncs inside a block) on CUDA and the CPU path elsewhere; `logprobs` always takes the CPU path.
+    `cuda_graphs` (None: on CUDA for greedy decoding) replays each step as a CUDA graph on the GPU path.
     """
     cfg = model.config
     block = cfg.block_size if block_length is None else block_length  # 0 is an error, not "the default"
@@ -178,8 +190,13 @@ def generate(
         S = validate(len(p), gen_length, steps, block, cfg.max_position_embeddings)
 
     rule = StepRule(mask_id, temperature, remasking, threshold, top_k, top_p, generator)
-    events = _Events(ActiveRows(len(prompts), on_event, cancelled), on_event, mask_id, logprobs)
-    result = _decode(model, prompts, S, gen_length, rule, block, shift, eos_id, events)
+    active = ActiveRows(len(prompts), on_event, cancelled)
+    if use_static_path(model, static_cache) and logprobs is None:
+        result = decode_static(model, prompts, S, gen_length, rule, block, shift, eos_id, active, on_event,
+                               cuda_graphs=cuda_graphs)
+    else:
+        result = _decode(model, prompts, S, gen_length, rule, block, shift, eos_id,
+                         _Events(active, on_event, mask_id, logprobs))
     if max_new_tokens is not None:
         result.sequences = [s[: p + max_new_tokens] for s, p in zip(result.sequences, result.prompt_lengths)]
     return result if return_result else result.padded(eos_id if eos_id is not None else (cfg.pad_token_id or 0),
@@ -318,10 +335,13 @@ def generate_ar(
     cancelled: Callable[[int], bool] | None = None,
     generator: torch.Generator | None = None,
     return_result: bool = False,
+    static_cache: bool | None = None,
+    cuda_graphs: bool | None = None,
 ) -> torch.Tensor | GenerationResult:
     """Plain autoregressive decoding (causal attention, KV cache, one token per forward): the AR baseline.
 
-    Same inputs and outputs as `generate`; rows are left-padded so every row's next token sits in one column."""
+    Same inputs and outputs as `generate`; rows are left-padded so every row's next token sits in one column.
+    On CUDA it runs on the GPU path of `generate` (AR is block 1 with shift); `static_cache`/`cuda_graphs` as there."""
     cfg = model.config
     device = model.device
     eos_id = stop_token(eos_id, cfg.eos_token_id)
@@ -330,6 +350,12 @@ def generate_ar(
     prompts = _prompts_from(input_ids, attention_mask)
     for p in prompts:
         check_prompt_fits(len(p), max_new_tokens, cfg.max_position_embeddings, "max_new_tokens")
+    if use_static_path(model, static_cache):
+        rule = StepRule(cfg.mask_token_id, temperature, "low_confidence", None, None, None, generator)
+        result = decode_static(model, prompts, 1, max_new_tokens, rule, 1, True, eos_id,
+                               ActiveRows(len(prompts), on_event, cancelled), on_event, ar=True,
+                               cuda_graphs=cuda_graphs)
+        return result if return_result else result.padded(eos_id if eos_id is not None else 0, device)
     N = len(prompts)
     lens = torch.tensor([len(p) for p in prompts])
     P = int(lens.max())

@@ -1,0 +1,300 @@
+"""The GPU decode path: the rule of docs/design.md §2 (the same as `diffcoder.decoding`), with shapes that never
+change and no host sync inside a block's steps, so that a step is one CUDA-graph replay.
+
+Why it differs from the CPU path: on a GPU the model's step is a few milliseconds of kernels, and every value the
+host reads back (a count, a `bool(tensor)`, a boolean index) drains the queue and leaves the GPU idle while Python
+launches the next kernels. So here:
+
+- The KV cache is a `StaticKVCache` over a fixed-width canvas, written by index; attention always spans the whole
+  width under a mask. The batch is padded to a power of two rows and the width to a multiple of 256 columns, and the
+  buffers (and graphs) are kept on the model for the next call of the same shape.
+- A step runs 2B queries: the block before the current one (clean) and the current block. Re-running the clean
+  block rewrites keys it already wrote (the same tokens, the same keys), so the first step of a block writes the
+  previous block's clean keys (the commit forward, fused, as in `decoding`) and no step needs another shape. With
+  shift, the hidden state before the block predicts its first slot. The prompt before that is one prefill forward.
+- How many slots a step commits depends only on the layout, so the whole schedule goes to the device once per call.
+  Proposal, selection, commits and the bookkeeping for events happen on the device. Once per block the host reads
+  one small tensor (the block's tokens, which step committed each slot, which rows are done) to stream events and
+  stop. With a threshold the number of steps depends on the confidences: one boolean per step says whether the
+  block is done.
+- A finished row stays in the batch with nothing left to fill (inert) rather than reshaping the cache.
+
+Sampling (temperature > 0, `random` remasking) runs the same steps eagerly, without graphs, and draws noise for
+every slot of the block: the samples are as valid as the CPU path's but not the same draws.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from diffcoder.decode_batch import ActiveRows, Canvas, DecodeEvent, GenerationResult
+from diffcoder.decode_rule import StepRule, choose_commits, commit_counts, propose
+from diffcoder.masks import canvas_attention_mask
+
+ROW_BUCKETS_MIN, WIDTH_MULTIPLE, KEPT_STATES = 1, 256, 2
+
+
+@dataclass
+class DecodeState:
+    """Every tensor a block step reads or writes, allocated once per (rows, width, block) and reused: a captured
+    graph keeps pointers to exactly these tensors."""
+
+    ids: torch.Tensor  # [R, W] canvas tokens (mask ids where not yet decoded)
+    positions: torch.Tensor  # [R, W] position ids (a row's left padding shifts them)
+    valid: torch.Tensor  # [R, W] real tokens (prompt or generation), keys other columns never see
+    to_fill: torch.Tensor  # [R, W] generation slots still masked
+    gen_start: torch.Tensor  # [R] first generated column per row
+    ends: torch.Tensor  # [R] end column (exclusive) per row
+    done: torch.Tensor  # [R] rows finished (or padding)
+    block_start: torch.Tensor  # () first column of the current block
+    step: torch.Tensor  # () step index within the block
+    k: torch.Tensor  # [R] commits per row in this step (fixed schedule)
+    commit_step: torch.Tensor  # [R, B] step at which each slot of the block was committed (-1: not yet)
+    committed: torch.Tensor  # [R, B] the token committed there (before any EOS fill)
+    all_cols: torch.Tensor  # [W] 0..W-1
+    step_cols: torch.Tensor  # [2B] -B..B-1: a step's columns relative to block_start
+    cache: object  # StaticKVCache
+    block: int
+    graphs: dict
+
+    @classmethod
+    def allocate(cls, model, rows: int, width: int, block: int) -> DecodeState:
+        dev = model.device
+        long = dict(dtype=torch.long, device=dev)
+        return cls(
+            ids=torch.zeros(rows, width, **long), positions=torch.zeros(rows, width, **long),
+            valid=torch.zeros(rows, width, dtype=torch.bool, device=dev),
+            to_fill=torch.zeros(rows, width, dtype=torch.bool, device=dev),
+            gen_start=torch.zeros(rows, **long), ends=torch.zeros(rows, **long),
+            done=torch.ones(rows, dtype=torch.bool, device=dev),
+            block_start=torch.tensor(block, **long), step=torch.zeros((), **long), k=torch.zeros(rows, **long),
+            commit_step=torch.full((rows, block), -1, **long), committed=torch.zeros(rows, block, **long),
+            all_cols=torch.arange(width, **long), step_cols=torch.arange(-block, block, **long),
+            cache=model.new_cache(rows, width, static=True), block=block, graphs={},
+        )
+
+    def load(self, canvas: Canvas, max_positions: int) -> None:
+        """Put a batch's canvas into the buffers; padding rows and columns are inert (not valid, nothing to fill)."""
+        n, w = canvas.ids.shape
+        for t in (self.ids, self.valid, self.to_fill, self.gen_start, self.ends):
+            t.zero_()
+        self.ids[:n, :w] = canvas.ids
+        self.valid[:n, :w] = canvas.valid
+        self.to_fill[:n, :w] = canvas.to_fill
+        pads = torch.zeros(self.ids.shape[0], dtype=torch.long)
+        pads[:n] = canvas.pads
+        # columns past a row's end get positions too (never attended): keep them inside the RoPE table
+        self.positions.copy_((self.all_cols[None] - pads.to(self.ids.device)[:, None]).clamp(0, max_positions - 1))
+        self.gen_start[:n] = (canvas.pads + canvas.lens).to(self.ids.device)
+        self.ends[:n] = canvas.ends.to(self.ids.device)
+        self.done.fill_(True)
+        self.done[:n] = False
+        for c in self.cache.k + self.cache.v:  # stale keys are masked, but must be finite (0 * NaN is NaN)
+            c.zero_()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The device side: one step, the end of a block, the prefill (no host reads in any of them)
+
+
+def block_step(model, st: DecodeState, rule: StepRule, shift: bool) -> None:
+    """One denoising step of the block at `st.block_start`, in place on `st`: run the clean block before it and the
+    block itself, propose, choose, commit (docs/design.md §2.4-2.5)."""
+    B = st.block
+    cols = st.block_start + st.step_cols
+    cur = cols[B:]
+    attn = canvas_attention_mask(cols, st.all_cols, st.valid, B)
+    hidden = model.hidden_states(st.ids.index_select(1, cols), st.positions.index_select(1, cols), attn, st.cache,
+                                 cols)
+    pred = hidden[:, B - 1 : 2 * B - 1] if shift else hidden[:, B:]  # shift: column i-1 predicts column i
+    x0, conf = propose(model.lm_head(pred), rule.mask_id, rule.temperature, rule.remasking, rule.generator,
+                       rule.top_k, rule.top_p)
+    masked = st.to_fill.index_select(1, cur)
+    commit = choose_commits(conf, masked, st.k, rule.threshold)
+    st.ids.index_copy_(1, cur, torch.where(commit, x0, st.ids.index_select(1, cur)))
+    st.to_fill.index_copy_(1, cur, masked & ~commit)
+    st.commit_step.copy_(torch.where(commit, st.step, st.commit_step))
+    st.committed.copy_(torch.where(commit, x0, st.committed))
+
+
+def finish_block(st: DecodeState, s: int, e: int, eos_id: int | None) -> torch.Tensor:
+    """After block [s, e) is clean: EOS in a row's generated part turns the rest of its block into EOS and ends the
+    row (docs/design.md §2.6); a row at its end is done too; a done row gets nothing more to fill.
+    Returns what the host reads once per block: [R, 3B + 1] = tokens, committed tokens, commit steps, done."""
+    cols = st.all_cols[s:e][None]
+    tokens = st.ids[:, s:e]
+    in_row = cols < st.ends[:, None]
+    if eos_id is not None:
+        hit = (tokens == eos_id) & (cols >= st.gen_start[:, None]) & in_row
+        tokens.copy_(torch.where((hit.cumsum(-1) > 0) & in_row, eos_id, tokens))
+        st.done |= hit.any(-1)
+    st.done |= st.ends <= e
+    st.to_fill &= ~st.done[:, None]
+    return torch.cat([tokens, st.committed, st.commit_step, st.done[:, None].long()], dim=1)
+
+
+def prefill(model, st: DecodeState, upto: int) -> None:
+    """Keys of the prompt columns [0, upto), block-causal, into the cache (one forward, its shape not reused)."""
+    cols = st.all_cols[:upto]
+    attn = canvas_attention_mask(cols, st.all_cols, st.valid, st.block)
+    model.hidden_states(st.ids[:, :upto], st.positions[:, :upto], attn, st.cache, cols)
+
+
+class _StepGraph:
+    """`block_step` captured once as a CUDA graph; replaying it re-runs every kernel on the same buffers."""
+
+    def __init__(self, step) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, workspaces, autotuning
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step()
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The host side
+
+
+def _bucket(n: int) -> int:
+    return max(ROW_BUCKETS_MIN, 1 << (n - 1).bit_length())
+
+
+def state_for(model, rows: int, width: int, block: int) -> DecodeState:
+    """The model's buffers for a batch of this shape: reused when they exist, else allocated (the least recently
+    used of more than KEPT_STATES shapes is dropped, graphs with it)."""
+    key = (_bucket(rows), -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, block, model.dtype, str(model.device),
+           hash(tuple(p.data_ptr() for p in model.parameters())))  # new weights (e.g. .to()) invalidate graphs
+    states: OrderedDict = model.__dict__.setdefault("_decode_states", OrderedDict())
+    if key not in states:
+        while len(states) >= KEPT_STATES:
+            states.popitem(last=False)
+        states[key] = DecodeState.allocate(model, key[0], key[1], block)
+    states.move_to_end(key)
+    return states[key]
+
+
+def _graphable(rule: StepRule) -> bool:
+    return rule.temperature == 0 and rule.remasking == "low_confidence"
+
+
+def _step_runner(model, st: DecodeState, rule: StepRule, shift: bool, cuda_graphs: bool | None):
+    def step():
+        block_step(model, st, rule, shift)
+
+    use_graphs = (model.device.type == "cuda" and _graphable(rule)) if cuda_graphs is None else cuda_graphs
+    if not use_graphs:
+        return step
+    if model.device.type != "cuda" or not _graphable(rule):
+        raise ValueError("cuda_graphs=True needs a CUDA model and greedy low_confidence decoding")
+    key = (shift, rule.mask_id, rule.threshold)
+    if key not in st.graphs:
+        st.block_start.fill_(st.block)  # the warm-up steps need valid columns
+        st.graphs[key] = _StepGraph(step)
+    return st.graphs[key]
+
+
+def _schedule(canvas: Canvas, rows: int, S: int, device):
+    """From the layout alone (every generation slot of a block starts masked): the slots per (block, row), and the
+    commits per (block, step, row) as lists for the host and as one [blocks, S, rows] tensor for the device."""
+    slots, table = [], torch.zeros(canvas.n_blocks, S, rows, dtype=torch.long)
+    gen_start = canvas.pads + canvas.lens
+    for b in range(canvas.n_blocks):
+        s, e = canvas.span(b)
+        slots.append((canvas.ends.clamp(max=e) - gen_start.clamp(min=s)).clamp(min=0).tolist())
+        for r, x in enumerate(slots[-1]):
+            table[b, :, r] = torch.tensor(commit_counts(x, S))
+    return slots, table.tolist(), table.to(device)
+
+
+@torch.no_grad()
+def decode_static(model, prompts: list[torch.Tensor], S: int, gen_length: int, rule: StepRule, block: int,
+                  shift: bool, eos_id: int | None, active: ActiveRows, on_event=None, ar: bool = False,
+                  cuda_graphs: bool | None = None) -> GenerationResult:
+    """Decode a batch on fixed-shape buffers; same arguments and result as the CPU path (`decoding._decode`).
+    `ar`: block 1 with shift is AR decoding; its events then number steps by token, as `generate_ar` does."""
+    n = len(prompts)
+    canvas = Canvas(prompts, gen_length, block, rule.mask_id if rule.mask_id is not None else 0, model.device,
+                    lead=block)
+    st = state_for(model, n, canvas.width, block)
+    run_step = _step_runner(model, st, rule, shift, cuda_graphs)
+    st.load(canvas, model.config.max_position_embeddings)
+    slots, counts, k_table = _schedule(canvas, st.ids.shape[0], S, model.device)
+    host_ids = canvas.ids.cpu()
+    forwards = steps_taken = 0
+    if canvas.t0 > block:
+        prefill(model, st, canvas.t0 - block)
+        forwards += 1
+    for b in range(canvas.n_blocks):
+        s, e = canvas.span(b)
+        st.block_start.fill_(s)
+        st.commit_step.fill_(-1)
+        ran = []  # (step index, forwards after it)
+        if rule.threshold is None:
+            for j in range(S):
+                if any(counts[b][j][r] for r in active.rows):  # a step that commits nothing is skipped
+                    st.k.copy_(k_table[b, j])
+                    st.step.fill_(j)
+                    run_step()
+                    forwards += 1
+                    ran.append((j, forwards))
+        elif any(slots[b][r] for r in active.rows):
+            while True:
+                st.step.fill_(len(ran))
+                run_step()
+                forwards += 1
+                ran.append((len(ran), forwards))
+                if not bool(st.to_fill[:, s:e].any()):  # the one read per step that a threshold needs
+                    break
+        report = finish_block(st, s, e, eos_id).cpu()  # the one read per block
+        steps_taken += _emit_block(report, canvas, host_ids, active, on_event, b, s, e, ran, forwards, ar)
+        for r in range(n):
+            if r not in active.rows and not bool(report[r, -1]):  # cancelled this block: make the row inert
+                st.done[r] = True
+                st.to_fill[r] = False
+        if not active.rows:
+            break
+    return GenerationResult(sequences=[active.finished[i] for i in range(n)],
+                            prompt_lengths=[len(p) for p in prompts], forwards=forwards, steps=steps_taken)
+
+
+def _emit_block(report: torch.Tensor, canvas: Canvas, host_ids: torch.Tensor, active: ActiveRows, on_event,
+                b: int, s: int, e: int, ran: list[tuple[int, int]], forwards: int, ar: bool) -> int:
+    """The host's side of a finished block, from the one tensor read: commit events in step order, block events,
+    finished rows settled. Returns the (row, step) pairs that committed something."""
+    B = e - s
+    tokens, committed, when, done = report[:, :B], report[:, B : 2 * B], report[:, 2 * B : 3 * B], report[:, -1]
+    n = host_ids.shape[0]
+    host_ids[:, s:e] = tokens[:n]
+    rows = list(active.rows)
+    steps_taken = sum(len(set(when[r][when[r] >= 0].tolist())) for r in rows)
+    if on_event is not None:
+        for j, fwd in ran:
+            for r in rows:
+                c = torch.nonzero(when[r] == j).flatten()
+                if len(c):
+                    pad = int(canvas.pads[r])
+                    on_event(DecodeEvent("commit", r, b, b if ar else j, (c + s - pad).tolist(),
+                                         committed[r, c].tolist(), fwd))
+    last_step = ran[-1][0] + 1 if ran else 0
+    keep = []
+    for i, r in enumerate(rows):
+        pad, row_end = int(canvas.pads[r]), int(canvas.ends[r])
+        gen_start, blk_end = max(s, pad + int(canvas.lens[r])), min(e, row_end)
+        step = b if ar else last_step
+        if on_event is not None and gen_start < blk_end:
+            on_event(DecodeEvent("block", r, b, step, list(range(gen_start - pad, blk_end - pad)),
+                                 host_ids[r, gen_start:blk_end].tolist(), forwards))
+        if active.settle(i, bool(done[r]), host_ids[r, pad:blk_end], b, step, forwards):
+            keep.append(i)
+    active.rows = [rows[i] for i in keep]
+    return steps_taken
