@@ -277,20 +277,27 @@ def _emit_block(report: torch.Tensor, canvas: Canvas, host_ids: torch.Tensor, ac
     host_ids[:, s:e] = tokens[:n]
     rows = list(active.rows)
     steps_taken = sum(len(set(when[r][when[r] >= 0].tolist())) for r in rows)
+    commits: dict[int, list[DecodeEvent]] = {r: [] for r in rows}  # per row, in step order
     if on_event is not None:
         for j, fwd in ran:
             for r in rows:
                 c = torch.nonzero(when[r] == j).flatten()
                 if len(c):
-                    pad = int(canvas.pads[r])
-                    on_event(DecodeEvent("commit", r, b, b if ar else j, (c + s - pad).tolist(),
-                                         committed[r, c].tolist(), fwd))
+                    commits[r].append(DecodeEvent("commit", r, b, b if ar else j,
+                                                  (c + s - int(canvas.pads[r])).tolist(), committed[r, c].tolist(),
+                                                  fwd))
+        if not ar:  # the CPU path streams a step's commits as the step ends: step-major, rows in order
+            for event in sorted((e for r in rows for e in commits[r]), key=lambda e: e.step):
+                on_event(event)
     last_step = ran[-1][0] + 1 if ran else 0
     keep = []
     for i, r in enumerate(rows):
         pad, row_end = int(canvas.pads[r]), int(canvas.ends[r])
         gen_start, blk_end = max(s, pad + int(canvas.lens[r])), min(e, row_end)
         step = b if ar else last_step
+        if on_event is not None and ar:  # the AR decoder streams each row's token, then its block
+            for event in commits[r]:
+                on_event(event)
         if on_event is not None and gen_start < blk_end:
             on_event(DecodeEvent("block", r, b, step, list(range(gen_start - pad, blk_end - pad)),
                                  host_ids[r, gen_start:blk_end].tolist(), forwards))
