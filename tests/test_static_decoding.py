@@ -58,7 +58,7 @@ def test_the_host_read_detector_sees_reads():
 def test_a_block_step_never_reads_the_device(model, threshold, shift):
     prompts = [torch.tensor(p) for p in prompts_of(9, 3, 6)]
     canvas = Canvas(prompts, 16, 4, MASK, model.device, lead=4)
-    st = static_decoding.state_for(model, len(prompts), canvas.width, 4)
+    st = static_decoding.state_for(model, len(prompts), canvas.width, 4, shift)
     st.load(canvas, model.config.max_position_embeddings)
     rule = StepRule(MASK, threshold=threshold)
     s = canvas.span(0)[0]
@@ -68,7 +68,7 @@ def test_a_block_step_never_reads_the_device(model, threshold, shift):
         st.k.fill_(1)
         for j in range(4):
             st.step.fill_(j)
-            static_decoding.block_step(model, st, rule, shift)
+            static_decoding.block_step(model, st, rule, shift, first=j == 0)
         static_decoding.finish_block(st, s, s + 4, eos_id=2)
     assert spy.seen == []
     assert not st.to_fill[: len(prompts), s : s + 4].any()  # the steps did commit the block
@@ -92,7 +92,7 @@ def test_buffer_shapes_are_bucketed_and_bounded(model):
     model.__dict__.pop("_decode_states", None)
     generate(model, prompts_of(5, 6, 7), **kw)  # 3 rows -> a bucket of 4
     (key,) = model.__dict__["_decode_states"]
-    assert key[:3] == (4, static_decoding.WIDTH_MULTIPLE, 4)
+    assert key[:4] == (4, static_decoding.WIDTH_MULTIPLE, 4, False)
     for rows in (1, 2, 5, 9):
         generate(model, prompts_of(*range(4, 4 + rows)), **kw)
     assert len(model.__dict__["_decode_states"]) == static_decoding.KEPT_STATES
@@ -156,7 +156,7 @@ def test_cuda_steps_run_without_a_sync():
     gpu_model = tiny_model(seed=11, dtype=torch.float32, std=0.6).cuda()
     prompts = [torch.tensor(p) for p in prompts_of(9, 3)]
     canvas = Canvas(prompts, 16, 4, MASK, gpu_model.device, lead=4)
-    st = static_decoding.state_for(gpu_model, 2, canvas.width, 4)
+    st = static_decoding.state_for(gpu_model, 2, canvas.width, 4, False)
     rule = StepRule(MASK)
     graphed = static_decoding._step_runner(gpu_model, st, rule, False, True)
     st.load(canvas, gpu_model.config.max_position_embeddings)
@@ -168,8 +168,8 @@ def test_cuda_steps_run_without_a_sync():
     try:
         for j in range(4):
             st.step.fill_(j)
-            graphed()
-            static_decoding.block_step(gpu_model, st, rule, False)  # the eager step too
+            graphed(j == 0)
+            static_decoding.block_step(gpu_model, st, rule, False, j == 0)  # the eager step too
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

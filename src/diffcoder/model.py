@@ -187,8 +187,28 @@ class Attention(nn.Module):
         if _is_block_mask(attn_mask):  # flex_attention BlockMask (CUDA training); SDPA + dense bool mask otherwise
             y = _flex_attention(q.is_cuda)(q, k, v, block_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv != self.n_heads)
+            y = attend(q, k, v, attn_mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+
+FOLD_MAX_QUERIES = 64
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA with grouped-query attention. q: [b, heads, s, d]; k, v: [b, kv_heads, t, d]; mask [b or 1, 1, s, t].
+
+    For a few queries (decode steps), the query heads that share a KV head are folded into the query axis, so
+    every SDPA kernel reads the cache once per KV head instead of a copy repeated per query head (a masked
+    `enable_gqa` call may fall back to the math kernel, which makes that copy: the cache, times the group)."""
+    b, heads, s, d = q.shape
+    group = heads // k.shape[1]
+    if group == 1 or s > FOLD_MAX_QUERIES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=group > 1)
+    folded = q.reshape(b, k.shape[1], group * s, d)  # head h uses KV head h // group: group-major, then query
+    if attn_mask is not None:
+        t = attn_mask.shape[-1]
+        attn_mask = attn_mask.expand(b, 1, s, t)[:, :, None].expand(b, 1, group, s, t).reshape(b, 1, group * s, t)
+    return F.scaled_dot_product_attention(folded, k, v, attn_mask=attn_mask).view(b, heads, s, d)
 
 
 class MLP(nn.Module):

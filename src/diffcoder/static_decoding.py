@@ -8,10 +8,10 @@ launches the next kernels. So here:
 - The KV cache is a `StaticKVCache` over a fixed-width canvas, written by index; attention always spans the whole
   width under a mask. The batch is padded to a power of two rows and the width to a multiple of 256 columns, and the
   buffers (and graphs) are kept on the model for the next call of the same shape.
-- A step runs 2B queries: the block before the current one (clean) and the current block. Re-running the clean
-  block rewrites keys it already wrote (the same tokens, the same keys), so the first step of a block writes the
-  previous block's clean keys (the commit forward, fused, as in `decoding`) and no step needs another shape. With
-  shift, the hidden state before the block predicts its first slot. The prompt before that is one prefill forward.
+- A block's first step runs 2B queries: the block before (now clean: its keys are written, the commit forward
+  fused as in `decoding`) and the block itself; later steps run the block alone. So there are two step shapes, each
+  one CUDA graph. With shift, the hidden state before the block predicts its first slot; AR (block 1 with shift)
+  runs one query per token. The prompt before the first block is one prefill forward.
 - How many slots a step commits depends only on the layout, so the whole schedule goes to the device once per call.
   Proposal, selection, commits and the bookkeeping for events happen on the device. Once per block the host reads
   one small tensor (the block's tokens, which step committed each slot, which rows are done) to stream events and
@@ -54,16 +54,21 @@ class DecodeState:
     k: torch.Tensor  # [R] commits per row in this step (fixed schedule)
     commit_step: torch.Tensor  # [R, B] step at which each slot of the block was committed (-1: not yet)
     committed: torch.Tensor  # [R, B] the token committed there (before any EOS fill)
+    prev_hidden: torch.Tensor  # [R, H] with shift: the hidden state of the column before the block
     all_cols: torch.Tensor  # [W] 0..W-1
-    step_cols: torch.Tensor  # [2B] -B..B-1: a step's columns relative to block_start
+    first_cols: torch.Tensor  # a block's first step, relative to block_start: the block before and the block
+    later_cols: torch.Tensor  # [B] later steps: the block only
+    before_index: int  # where the column before the block sits among first_cols
     cache: object  # StaticKVCache
     block: int
     graphs: dict
 
     @classmethod
-    def allocate(cls, model, rows: int, width: int, block: int) -> DecodeState:
+    def allocate(cls, model, rows: int, width: int, block: int, shift: bool) -> DecodeState:
         dev = model.device
         long = dict(dtype=torch.long, device=dev)
+        # AR (block 1 with shift) needs no query at the masked slot: the column before predicts it
+        first = [-1] if block == 1 and shift else list(range(-block, block))
         return cls(
             ids=torch.zeros(rows, width, **long), positions=torch.zeros(rows, width, **long),
             valid=torch.zeros(rows, width, dtype=torch.bool, device=dev),
@@ -72,7 +77,9 @@ class DecodeState:
             done=torch.ones(rows, dtype=torch.bool, device=dev),
             block_start=torch.tensor(block, **long), step=torch.zeros((), **long), k=torch.zeros(rows, **long),
             commit_step=torch.full((rows, block), -1, **long), committed=torch.zeros(rows, block, **long),
-            all_cols=torch.arange(width, **long), step_cols=torch.arange(-block, block, **long),
+            prev_hidden=torch.zeros(rows, model.config.hidden_size, dtype=model.dtype, device=dev),
+            all_cols=torch.arange(width, **long), first_cols=torch.tensor(first, **long),
+            later_cols=torch.arange(block, **long), before_index=first.index(-1),
             cache=model.new_cache(rows, width, static=True), block=block, graphs={},
         )
 
@@ -100,16 +107,21 @@ class DecodeState:
 # The device side: one step, the end of a block, the prefill (no host reads in any of them)
 
 
-def block_step(model, st: DecodeState, rule: StepRule, shift: bool) -> None:
-    """One denoising step of the block at `st.block_start`, in place on `st`: run the clean block before it and the
-    block itself, propose, choose, commit (docs/design.md §2.4-2.5)."""
+def block_step(model, st: DecodeState, rule: StepRule, shift: bool, first: bool) -> None:
+    """One denoising step of the block at `st.block_start`, in place on `st`: run the model, propose, choose,
+    commit (docs/design.md §2.4-2.5). A block's first step also runs the clean block before it, rewriting the keys
+    of what was just committed there (the fused commit forward); later steps run the block alone."""
     B = st.block
-    cols = st.block_start + st.step_cols
-    cur = cols[B:]
+    cols = st.block_start + (st.first_cols if first else st.later_cols)
+    cur = st.block_start + st.later_cols
     attn = canvas_attention_mask(cols, st.all_cols, st.valid, B)
     hidden = model.hidden_states(st.ids.index_select(1, cols), st.positions.index_select(1, cols), attn, st.cache,
                                  cols)
-    pred = hidden[:, B - 1 : 2 * B - 1] if shift else hidden[:, B:]  # shift: column i-1 predicts column i
+    pred = hidden[:, -B:]
+    if shift:  # column i-1 predicts column i; the block's first slot from the column before the block
+        if first:
+            st.prev_hidden.copy_(hidden[:, st.before_index])
+        pred = torch.cat([st.prev_hidden[:, None], pred[:, :-1]], dim=1)
     x0, conf = propose(model.lm_head(pred), rule.mask_id, rule.temperature, rule.remasking, rule.generator,
                        rule.top_k, rule.top_p)
     masked = st.to_fill.index_select(1, cur)
@@ -154,7 +166,8 @@ class _StepGraph:
                 step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the server decodes on its engine thread while other threads may touch CUDA
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             step()
 
     def __call__(self) -> None:
@@ -169,18 +182,23 @@ def _bucket(n: int) -> int:
     return max(ROW_BUCKETS_MIN, 1 << (n - 1).bit_length())
 
 
-def state_for(model, rows: int, width: int, block: int) -> DecodeState:
+def state_for(model, rows: int, width: int, block: int, shift: bool) -> DecodeState:
     """The model's buffers for a batch of this shape: reused when they exist, else allocated (the least recently
     used of more than KEPT_STATES shapes is dropped, graphs with it)."""
-    key = (_bucket(rows), -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, block, model.dtype, str(model.device),
+    key = (_bucket(rows), -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, block, shift, model.dtype, str(model.device),
            hash(tuple(p.data_ptr() for p in model.parameters())))  # new weights (e.g. .to()) invalidate graphs
     states: OrderedDict = model.__dict__.setdefault("_decode_states", OrderedDict())
     if key not in states:
         while len(states) >= KEPT_STATES:
             states.popitem(last=False)
-        states[key] = DecodeState.allocate(model, key[0], key[1], block)
+        states[key] = DecodeState.allocate(model, key[0], key[1], block, shift)
     states.move_to_end(key)
     return states[key]
+
+
+def release(model) -> None:
+    """Free the buffers and graphs this path keeps on `model` for later calls (e.g. before training it)."""
+    model.__dict__.pop("_decode_states", None)
 
 
 def _graphable(rule: StepRule) -> bool:
@@ -188,19 +206,24 @@ def _graphable(rule: StepRule) -> bool:
 
 
 def _step_runner(model, st: DecodeState, rule: StepRule, shift: bool, cuda_graphs: bool | None):
-    def step():
-        block_step(model, st, rule, shift)
-
+    """`run(first)`: one step, eager or as the replay of its CUDA graph (one graph for first steps, one for later)."""
     use_graphs = (model.device.type == "cuda" and _graphable(rule)) if cuda_graphs is None else cuda_graphs
-    if not use_graphs:
-        return step
-    if model.device.type != "cuda" or not _graphable(rule):
+    if use_graphs and (model.device.type != "cuda" or not _graphable(rule)):
         raise ValueError("cuda_graphs=True needs a CUDA model and greedy low_confidence decoding")
-    key = (shift, rule.mask_id, rule.threshold)
-    if key not in st.graphs:
-        st.block_start.fill_(st.block)  # the warm-up steps need valid columns
-        st.graphs[key] = _StepGraph(step)
-    return st.graphs[key]
+
+    def eager(first: bool) -> None:
+        block_step(model, st, rule, shift, first)
+
+    if not use_graphs:
+        return eager
+    graphs = []
+    for first in (True, False):
+        key = (shift, rule.mask_id, rule.threshold, first)
+        if key not in st.graphs:
+            st.block_start.fill_(st.block)  # the warm-up steps need valid columns
+            st.graphs[key] = _StepGraph(lambda first=first: eager(first))
+        graphs.append(st.graphs[key])
+    return lambda first: graphs[0 if first else 1]()
 
 
 def _schedule(canvas: Canvas, rows: int, S: int, device):
@@ -225,7 +248,7 @@ def decode_static(model, prompts: list[torch.Tensor], S: int, gen_length: int, r
     n = len(prompts)
     canvas = Canvas(prompts, gen_length, block, rule.mask_id if rule.mask_id is not None else 0, model.device,
                     lead=block)
-    st = state_for(model, n, canvas.width, block)
+    st = state_for(model, n, canvas.width, block, shift)
     run_step = _step_runner(model, st, rule, shift, cuda_graphs)
     st.load(canvas, model.config.max_position_embeddings)
     slots, counts, k_table = _schedule(canvas, st.ids.shape[0], S, model.device)
@@ -244,13 +267,13 @@ def decode_static(model, prompts: list[torch.Tensor], S: int, gen_length: int, r
                 if any(counts[b][j][r] for r in active.rows):  # a step that commits nothing is skipped
                     st.k.copy_(k_table[b, j])
                     st.step.fill_(j)
-                    run_step()
+                    run_step(not ran)
                     forwards += 1
                     ran.append((j, forwards))
         elif any(slots[b][r] for r in active.rows):
             while True:
                 st.step.fill_(len(ran))
-                run_step()
+                run_step(not ran)
                 forwards += 1
                 ran.append((len(ran), forwards))
                 if not bool(st.to_fill[:, s:e].any()):  # the one read per step that a threshold needs
