@@ -141,7 +141,8 @@ def step_ms(model: DiffusionLM, prompt_len: int, new_tokens: int, reps: int) -> 
             run()
         ms = (time.perf_counter() - t0) * 1e3 / reps
     kv_bytes = sum(t.numel() * t.element_size() for t in st.cache.k + st.cache.v)
-    return dict(ms_per_step=ms, warmup_s=warm, reps=reps, kv_bytes=kv_bytes, width=st.ids.shape[1])
+    return dict(ms_per_step=ms, warmup_s=warm, reps=reps, kv_bytes=kv_bytes, width=st.ids.shape[1],
+                graphs=dev == "cuda")
 
 
 def run_case(case: str, model: DiffusionLM, hfbox: dict, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -153,11 +154,11 @@ def run_case(case: str, model: DiffusionLM, hfbox: dict, prompts: list[list[int]
 
     def call():
         if case in ("ours", "ours-dynamic"):
-            r = generate(model, prompts, **kw, static_cache=False if case == "ours-dynamic" else None)
+            r = generate(model, prompts, **kw, static_cache=case == "ours")  # True: the GPU path on CPU too
             return r.sequences[0].tolist(), r.generated_tokens, r.forwards
         if case in ("ar", "ar-dynamic"):
             r = generate_ar(model, prompts, new_tokens, eos_id=-1, return_result=True,
-                            static_cache=False if case == "ar-dynamic" else None)
+                            static_cache=case == "ar")
             return r.sequences[0].tolist(), r.generated_tokens, r.forwards
         if case == "official":
             with torch.device(model.device):  # official_loop makes its tensors with the default device
@@ -220,6 +221,7 @@ def summarize(meta: dict, rows: list[dict]) -> str:
     lines = [f"Device: {meta['device_name']}; torch {meta['torch']}; transformers {meta.get('transformers')}; "
              f"shape {meta['shape']}, bf16 random weights ({meta['weight_gib']:.2f} GiB); {meta['new_tokens']} "
              f"new tokens, block {BLOCK}, one token per step, no EOS stop.",
+             f"KV cache for batch 64 x 2,304 positions: {meta['kv_gib_b64_2304']:.2f} GiB (bf16).",
              f"Command: `{meta['command']}`", ""]
     if "bandwidth_tbs" in meta:
         lines.append(f"Measured copy bandwidth {meta['bandwidth_tbs']:.2f} TB/s; bound per step (all weights / "
@@ -231,7 +233,8 @@ def summarize(meta: dict, rows: list[dict]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ms_per_step" in r:
-            note = f"graph-replay step {r['ms_per_step']:.2f} ms (x{r['reps']}, width {r['width']})"
+            how = "graph replays" if r["graphs"] else "eager steps"
+            note = f"{r['ms_per_step']:.2f} ms per step ({r['reps']} {how}, width {r['width']})"
             if "bound_ms" in meta:
                 note += f", {100 * meta['bound_ms'] / r['ms_per_step']:.0f} % of the bound"
             lines.append(f"| step | {r['prompt']} | 1 | - | - | - | {r['ms_per_step']:.2f} | "
@@ -307,6 +310,8 @@ def main() -> None:
         meta["transformers"] = transformers.__version__
     except ImportError:
         pass
+    c = model.config
+    meta["kv_gib_b64_2304"] = 64 * 2304 * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2 / 2**30
     bw = hbm_bandwidth(args.device)
     meta["bandwidth_tbs"] = bw / 1e12
     if args.device == "cuda":
