@@ -283,8 +283,20 @@ def main() -> None:
     ap.add_argument("--step-reps", type=int, default=200)
     ap.add_argument("--out", default=os.environ.get("OUT", "decode_gpu_out"))
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no case after this wall time")
+    ap.add_argument("--merge", help="comma list of results.json from earlier calls: write one table of them all")
     args = ap.parse_args()
     T0 = time.perf_counter()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+        meta, rows = dict(parts[0]["meta"]), [r for part in parts for r in part["rows"]]
+        for key in ("prompt_lens", "batches"):
+            meta[key] = sorted({x for part in parts for x in part["meta"][key]})
+        meta["command"] = " ; ".join(part["meta"]["command"] for part in parts)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        (Path(args.out) / "table.md").write_text(summarize(meta, rows) + "\n")
+        print(summarize(meta, rows))
+        return
     cases = args.cases.split(",")
     prompt_lens = [int(x) for x in args.prompt_lens.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
