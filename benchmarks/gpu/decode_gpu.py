@@ -1,5 +1,5 @@
-"""GPU decoding benchmark (issue 9): block-step latency vs the bandwidth bound, and tokens/s of our decoders, the
-official per-block loop and transformers' AR, on the same random bf16 weights in one run.
+"""GPU decoding benchmark (issue 9): block-step latency vs the bandwidth bound, and tokens/s of our decoders,
+the official per-block loop and transformers' AR, on the same random bf16 weights in one run.
 
 Cases (--cases; those marked * run once per --batches entry, the others at batch 1 only):
   step          ms per block-step at batch 1: CUDA-graph replays of one step (static_decoding's own buffers),
@@ -11,14 +11,15 @@ Cases (--cases; those marked * run once per --batches entry, the others at batch
   ar-dynamic    generate_ar, static_cache=False
   hf-static*    transformers generate, cache_implementation="static", forward = torch.compile(reduce-overhead)
   hf-dynamic    transformers generate, default dynamic cache, eager
-Every case: one warm-up call (hf-static: two; compile / graph capture, the seconds are reported), then one timed
-call. The HF model shares our parameters' storage (load_state_dict(assign=True) into a meta-built
+Every case: one warm-up call (hf-static: two; compile / graph capture, the seconds are reported), then one
+timed call. The HF model shares our parameters' storage (load_state_dict(assign=True) into a meta-built
 LlamaForCausalLM): one weight copy.
 Results (results.json, table.md) are rewritten after every case, so a run cut short keeps what it measured.
 
   PYTHONPATH=src python benchmarks/gpu/decode_gpu.py --shape 8b --out $OUT
-  PYTHONPATH=src python benchmarks/gpu/decode_gpu.py --shape tiny --device cpu --prompt-lens 16 --batches 1,2 \
-      --new-tokens 16 --cases step,ours,official,ar,ours-dynamic,ar-dynamic,hf-dynamic --out /tmp/decbench
+  PYTHONPATH=src python benchmarks/gpu/decode_gpu.py --shape tiny --device cpu --prompt-lens 16 \
+      --batches 1,2 --new-tokens 16 --out /tmp/decbench \
+      --cases step,ours,official,ar,ours-dynamic,ar-dynamic,hf-dynamic
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def sync(device: str) -> None:
 def hbm_bandwidth(device: str) -> float:
     """Bytes/s of a large device-to-device copy (read + write counted)."""
     n = (1 << 30) if device == "cuda" else (1 << 25)
-    src, dst = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
+    src, dst = (torch.empty(n, dtype=torch.uint8, device=device) for _ in range(2))
     dst.copy_(src)
     sync(device)
     t0, reps = time.perf_counter(), 20
@@ -113,9 +114,10 @@ def hbm_bandwidth(device: str) -> float:
 
 
 def step_ms(model: DiffusionLM, prompt_len: int, new_tokens: int, reps: int) -> dict:
-    """One block step on static_decoding's buffers (graph replays on CUDA, eager elsewhere), after the prefill."""
+    """One block step on static_decoding's buffers, after a prefill (graph replays on CUDA, else eager)."""
     dev = model.device.type
-    prompt = torch.randint(10, model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(10, model.config.vocab_size, (prompt_len,), generator=gen)
     canvas = Canvas([prompt], new_tokens, BLOCK, MASK_ID, model.device, lead=BLOCK)
     st = state_for(model, 1, canvas.width, BLOCK)
     t0 = time.perf_counter()
@@ -147,7 +149,7 @@ def step_ms(model: DiffusionLM, prompt_len: int, new_tokens: int, reps: int) -> 
 
 
 def run_case(case: str, model: DiffusionLM, hfbox: dict, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Warm-up call, then one timed call; returns tokens/s, forwards, peak memory and row 0's generated ids."""
+    """Warm-up call(s), then one timed call: tokens/s, forwards, peak memory, row 0's generated ids."""
     dev = model.device.type
     P = len(prompts[0])
     kw = dict(steps=new_tokens, gen_length=new_tokens, block_length=BLOCK, mask_id=MASK_ID, eos_id=-1,
@@ -191,7 +193,7 @@ def run_case(case: str, model: DiffusionLM, hfbox: dict, prompts: list[list[int]
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(2 if case == "hf-static" else 1):  # cudagraph trees: a shape's 1st call warms, its 2nd records
+    for _ in range(2 if case == "hf-static" else 1):  # cudagraph trees: a shape warms, then records
         call()
     sync(dev)
     warm = time.perf_counter() - t0
@@ -201,11 +203,12 @@ def run_case(case: str, model: DiffusionLM, hfbox: dict, prompts: list[list[int]
     sec = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
     return dict(tok_s=tokens / sec, seconds=sec, warmup_s=warm, tokens=tokens, forwards=forwards,
-                tpf=tokens / forwards, ms_per_forward=sec * 1e3 / forwards, peak_gib=peak, gen64=seq[P:P + 64])
+                tpf=tokens / forwards, ms_per_forward=sec * 1e3 / forwards, peak_gib=peak,
+                gen64=seq[P : P + 64])
 
 
 def free(model: DiffusionLM) -> None:
-    model.__dict__.pop("_decode_states", None)  # static_decoding keeps buffers (KV caches) and graphs on the model
+    model.__dict__.pop("_decode_states", None)  # static_decoding keeps buffers (KV cache) and graphs here
     gc.collect()
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -220,18 +223,19 @@ def summarize(meta: dict, rows: list[dict]) -> str:
         return next((r for r in rows if r["case"] == case and r["prompt"] == P and r["batch"] == batch
                      and "tok_s" in r), None)
 
-    lines = [f"Device: {meta['device_name']}; torch {meta['torch']}; transformers {meta.get('transformers')}; "
-             f"shape {meta['shape']}, bf16 random weights ({meta['weight_gib']:.2f} GiB); {meta['new_tokens']} "
-             f"new tokens, block {BLOCK}, one token per step, no EOS stop.",
+    lines = [f"Device: {meta['device_name']}; torch {meta['torch']}; transformers {meta.get('transformers')};"
+             f" shape {meta['shape']}, bf16 random weights ({meta['weight_gib']:.2f} GiB); "
+             f"{meta['new_tokens']} new tokens, block {BLOCK}, one token per step, no EOS stop.",
              f"KV cache for batch 64 x 2,304 positions: {meta['kv_gib_b64_2304']:.2f} GiB (bf16).",
              f"Command: `{meta['command']}`", ""]
     if "bandwidth_tbs" in meta:
-        lines.append(f"Measured copy bandwidth {meta['bandwidth_tbs']:.2f} TB/s; bound per step (all weights / "
-                     f"measured) {meta['bound_ms']:.2f} ms, at nominal {NOMINAL_TBS} TB/s "
+        lines.append(f"Measured copy bandwidth {meta['bandwidth_tbs']:.2f} TB/s; bound per step "
+                     f"(all weights / measured) {meta['bound_ms']:.2f} ms, at nominal {NOMINAL_TBS} TB/s "
                      f"{meta['bound_nominal_ms']:.2f} ms; without the embedding table (not read by a step) "
                      f"{meta['bound_noembed_ms']:.2f} ms.")
         lines.append("")
-    lines += ["| case | prompt | batch | tok/s | forwards | tok/forward | ms/forward | warm-up s | peak GiB | note |",
+    lines += ["| case | prompt | batch | tok/s | forwards | tok/forward | ms/forward | warm-up s | peak GiB "
+              "| note |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ms_per_step" in r:
@@ -242,9 +246,9 @@ def summarize(meta: dict, rows: list[dict]) -> str:
             lines.append(f"| step | {r['prompt']} | 1 | - | - | - | {r['ms_per_step']:.2f} | "
                          f"{r['warmup_s']:.1f} | {fmt(r.get('peak_gib'), '.2f')} | {note} |")
         elif "tok_s" in r:
-            lines.append(f"| {r['case']} | {r['prompt']} | {r['batch']} | {r['tok_s']:.1f} | {r['forwards']} | "
-                         f"{r['tpf']:.2f} | {r['ms_per_forward']:.2f} | {r['warmup_s']:.1f} | "
-                         f"{fmt(r['peak_gib'], '.2f')} | |")
+            lines.append(f"| {r['case']} | {r['prompt']} | {r['batch']} | {r['tok_s']:.1f} | "
+                         f"{r['forwards']} | {r['tpf']:.2f} | {r['ms_per_forward']:.2f} | "
+                         f"{r['warmup_s']:.1f} | {fmt(r['peak_gib'], '.2f')} | |")
         else:
             lines.append(f"| {r['case']} | {r['prompt']} | {r['batch']} | - | - | - | - | - | - | "
                          f"{r.get('error', '')[:120]} |")
@@ -263,21 +267,23 @@ def summarize(meta: dict, rows: list[dict]) -> str:
             parts = [p for p in parts if p]
             if parts:
                 lines.append(f"- prompt {P}, batch {b}: " + "; ".join(parts))
-    lines += ["", "Same tokens (first 64 generated, batch 1; random bf16 weights may differ in the last bits between"
-              " paths, so this reports rather than asserts):"]
+    lines += ["", "Same tokens (first 64 generated, batch 1; random bf16 weights may differ in the last bits "
+              "between paths, so this reports rather than asserts):"]
     for P in meta["prompt_lens"]:
-        for x, y in [("ours", "ours-dynamic"), ("ours", "official"), ("ar", "ar-dynamic"), ("ar", "hf-static"),
-                     ("ar", "hf-dynamic")]:
+        for x, y in [("ours", "ours-dynamic"), ("ours", "official"), ("ar", "ar-dynamic"),
+                     ("ar", "hf-static"), ("ar", "hf-dynamic")]:
             rx, ry = get(x, P), get(y, P)
             if rx and ry:
-                lines.append(f"- prompt {P}: {x} vs {y}: {'equal' if rx['gen64'] == ry['gen64'] else 'NOT equal'}")
+                same = "equal" if rx["gen64"] == ry["gen64"] else "NOT equal"
+                lines.append(f"- prompt {P}: {x} vs {y}: {same}")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="8b")
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", choices=["cuda", "cpu"],
+                    default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cases", default="step,ours,official,ar,ours-dynamic,ar-dynamic,hf-static,hf-dynamic")
     ap.add_argument("--prompt-lens", default="512,2048")
     ap.add_argument("--batches", default="1,8,32,64")
@@ -285,7 +291,7 @@ def main() -> None:
     ap.add_argument("--step-reps", type=int, default=200)
     ap.add_argument("--out", default=os.environ.get("OUT", "decode_gpu_out"))
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="start no case after this wall time")
-    ap.add_argument("--merge", help="comma list of results.json from earlier calls: write one table of them all")
+    ap.add_argument("--merge", help="comma list of results.json of earlier calls: one table of them all")
     args = ap.parse_args()
     T0 = time.perf_counter()
     if args.merge:
@@ -305,7 +311,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.device == "cuda":
-        for name in ("recompile_limit", "cache_size_limit"):  # 8 prompt/batch shapes x prefill + decode graphs
+        for name in ("recompile_limit", "cache_size_limit"):  # 8 prompt/batch shapes x prefill + decode
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, 64)
 
@@ -325,11 +331,13 @@ def main() -> None:
     except ImportError:
         pass
     c = model.config
-    meta["kv_gib_b64_2304"] = 64 * 2304 * c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2 / 2**30
+    kv_per_position = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2  # bytes, bf16 k and v
+    meta["kv_gib_b64_2304"] = 64 * 2304 * kv_per_position / 2**30
     bw = hbm_bandwidth(args.device)
     meta["bandwidth_tbs"] = bw / 1e12
     if args.device == "cuda":
-        meta.update(bound_ms=weight_bytes / bw * 1e3, bound_nominal_ms=weight_bytes / (NOMINAL_TBS * 1e12) * 1e3,
+        meta.update(bound_ms=weight_bytes / bw * 1e3,
+                    bound_nominal_ms=weight_bytes / (NOMINAL_TBS * 1e12) * 1e3,
                     bound_noembed_ms=(weight_bytes - embed_bytes) / bw * 1e3)
     else:
         meta.pop("bandwidth_tbs")
