@@ -46,18 +46,19 @@ def official_loop(model, prompt, gen_length, block, steps, mask_id):
     from diffcoder.decoding import commit_counts, propose
 
     P = len(prompt)
-    x = torch.tensor([prompt + [mask_id] * gen_length])
+    dev = model.device
+    x = torch.tensor([prompt + [mask_id] * gen_length], device=dev)
     S = steps // (gen_length // block)
     cache = model.new_cache(1, P + gen_length)
     start = P - P % block
     forwards = 0
     if start > 0:
-        pos = torch.arange(start)
+        pos = torch.arange(start, device=dev)
         model(x[:, :start], attn_mask=(pos[None] // block <= pos[:, None] // block)[None, None], cache=cache)
         forwards += 1
     for s in range(start, P + gen_length, block):
         e = min(s + block, P + gen_length)
-        fill = torch.zeros(e - s, dtype=torch.bool)
+        fill = torch.zeros(e - s, dtype=torch.bool, device=dev)
         fill[max(P - s, 0):] = True
         for k in commit_counts(int(fill.sum()), S):
             if k == 0:
