@@ -123,6 +123,15 @@ def test_ar_on_the_static_path_is_the_ar_decoder(model):
     assert key == [(e.kind, e.row, e.block, e.step, e.positions, e.token_ids) for e in gpu]
 
 
+def test_compiled_steps_give_the_same_tokens(model):
+    """torch.compile'd steps (inductor, here on the CPU): the same tokens as the CPU path, both step shapes."""
+    kw = dict(steps=8, gen_length=8, block_length=4, mask_id=MASK, eos_id=-1, return_result=True)
+    prompts = prompts_of(6, 9)
+    ref = generate(model, prompts, static_cache=False, **kw)
+    out = generate(model, prompts, static_cache=True, compile_steps=True, **kw)
+    assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences]
+
+
 def test_graphs_need_cuda(model):
     with pytest.raises(ValueError, match="CUDA"):
         generate(model, prompts_of(5), steps=4, gen_length=4, mask_id=MASK, static_cache=True, cuda_graphs=True)

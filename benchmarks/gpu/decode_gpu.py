@@ -6,9 +6,11 @@ Cases (--cases; those marked * run once per --batches entry, the others at batch
                 beside the bound = weight bytes / HBM bandwidth (measured here by a device-to-device copy)
   ours*         diffcoder generate, block 4, one token per step (the GPU path, CUDA graphs)
   ours-dynamic  the same, static_cache=False (the old path: host syncs every step)
+  ours-compiled* the GPU path with compile_steps=True (torch.compile'd steps inside the graphs)
   official      benchmarks/decode_speed.official_loop (one extra commit forward per block)
   ar*           diffcoder generate_ar (the GPU path)
   ar-dynamic    generate_ar, static_cache=False
+  ar-compiled*  generate_ar with compile_steps=True
   hf-static*    transformers generate, cache_implementation="static", forward = torch.compile(reduce-overhead)
   hf-dynamic    transformers generate, default dynamic cache, eager
 Every case: one warm-up call (hf-static: two; compile / graph capture, the seconds are reported), then one
@@ -52,7 +54,7 @@ SHAPES = {  # 8b: Stable-DiffCoder-8B's shape; tiny: a few MB, for the CPU smoke
                  max_position_embeddings=1024),
 }
 MASK_ID, BLOCK, NOMINAL_TBS = 5, 4, 3.35  # mask id inside the vocabulary; H100 SXM nominal HBM3 bandwidth
-BATCHED = {"ours", "ar", "hf-static"}
+BATCHED = {"ours", "ar", "hf-static", "ours-compiled", "ar-compiled"}
 
 
 def build_model(shape: str, device: str, seed: int = 0) -> DiffusionLM:
@@ -160,12 +162,13 @@ def run_case(case: str, model: DiffusionLM, hfbox: dict, prompts: list[list[int]
               return_result=True)
 
     def call():
-        if case in ("ours", "ours-dynamic"):
-            r = generate(model, prompts, **kw, static_cache=case == "ours")  # True: the GPU path on CPU too
+        if case in ("ours", "ours-dynamic", "ours-compiled"):  # static_cache=True: the GPU path on CPU too
+            r = generate(model, prompts, **kw, static_cache=case != "ours-dynamic",
+                         compile_steps=case == "ours-compiled")
             return r.sequences[0].tolist(), r.generated_tokens, r.forwards
-        if case in ("ar", "ar-dynamic"):
+        if case in ("ar", "ar-dynamic", "ar-compiled"):
             r = generate_ar(model, prompts, new_tokens, eos_id=-1, return_result=True,
-                            static_cache=case == "ar")
+                            static_cache=case != "ar-dynamic", compile_steps=case == "ar-compiled")
             return r.sequences[0].tolist(), r.generated_tokens, r.forwards
         if case == "official":
             with torch.device(model.device):  # official_loop makes its tensors with the default device
@@ -261,8 +264,11 @@ def summarize(meta: dict, rows: list[dict]) -> str:
     for P in meta["prompt_lens"]:
         for b in meta["batches"]:
             o, h, a = get("ours", P, b), get("hf-static", P, b), get("ar", P, b)
+            oc, ac = get("ours-compiled", P, b), get("ar-compiled", P, b)
             parts = [f"ours/hf-static {o['tok_s'] / h['tok_s']:.2f}x (goal >= 1.2)" if o and h else None,
-                     f"ar/hf-static {a['tok_s'] / h['tok_s']:.2f}x (goal >= 1.0)" if a and h else None]
+                     f"ar/hf-static {a['tok_s'] / h['tok_s']:.2f}x (goal >= 1.0)" if a and h else None,
+                     f"ours-compiled/hf-static {oc['tok_s'] / h['tok_s']:.2f}x" if oc and h else None,
+                     f"ar-compiled/hf-static {ac['tok_s'] / h['tok_s']:.2f}x" if ac and h else None]
             if b == 1:
                 f = get("official", P)
                 parts.append(f"ours/official {o['tok_s'] / f['tok_s']:.2f}x (goal >= 3)" if o and f else None)
@@ -275,7 +281,8 @@ def summarize(meta: dict, rows: list[dict]) -> str:
     lines += ["", "Same tokens (first 64 generated, batch 1; random bf16 weights may differ in the last bits "
               "between paths, so this reports rather than asserts):"]
     for P in meta["prompt_lens"]:
-        for x, y in [("ours", "ours-dynamic"), ("ours", "official"), ("ar", "ar-dynamic"),
+        for x, y in [("ours", "ours-dynamic"), ("ours", "official"), ("ours-compiled", "ours"), ("ar", "ar-dynamic"),
+                     ("ar-compiled", "ar"),
                      ("ar", "hf-static"), ("ar", "hf-dynamic")]:
             rx, ry = get(x, P), get(y, P)
             if rx and ry:

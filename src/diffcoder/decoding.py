@@ -138,6 +138,7 @@ def generate(
     logprobs: int | None = None,
     static_cache: bool | None = None,
     cuda_graphs: bool | None = None,
+    compile_steps: bool = False,
 ) -> torch.Tensor | GenerationResult:
     """Decode a batch of prompts. Accepts the official call unchanged; see docs/design.md §2 for the semantics.
 
@@ -151,7 +152,8 @@ def generate(
     step, and the k most likely alternatives, to the commit events.
     `static_cache` picks the decode path: None (default) takes the GPU path (`diffcoder.static_decoding`: fixed
     shapes, no host syncs inside a block) on CUDA and the CPU path elsewhere; `logprobs` always takes the CPU path.
-    `cuda_graphs` (None: on CUDA for greedy decoding) replays each step as a CUDA graph on the GPU path.
+    `cuda_graphs` (None: on CUDA for greedy decoding) replays each step as a CUDA graph on the GPU path;
+    `compile_steps` runs its steps through torch.compile (the first call of a shape compiles).
     """
     cfg = model.config
     block = cfg.block_size if block_length is None else block_length  # 0 is an error, not "the default"
@@ -193,7 +195,7 @@ def generate(
     active = ActiveRows(len(prompts), on_event, cancelled)
     if use_static_path(model, static_cache) and logprobs is None:
         result = decode_static(model, prompts, S, gen_length, rule, block, shift, eos_id, active, on_event,
-                               cuda_graphs=cuda_graphs)
+                               cuda_graphs=cuda_graphs, compile_steps=compile_steps)
     else:
         result = _decode(model, prompts, S, gen_length, rule, block, shift, eos_id,
                          _Events(active, on_event, mask_id, logprobs))
@@ -337,11 +339,13 @@ def generate_ar(
     return_result: bool = False,
     static_cache: bool | None = None,
     cuda_graphs: bool | None = None,
+    compile_steps: bool = False,
 ) -> torch.Tensor | GenerationResult:
     """Plain autoregressive decoding (causal attention, KV cache, one token per forward): the AR baseline.
 
     Same inputs and outputs as `generate`; rows are left-padded so every row's next token sits in one column.
-    On CUDA it runs on the GPU path of `generate` (AR is block 1 with shift); `static_cache`/`cuda_graphs` as there."""
+    On CUDA it runs on the GPU path of `generate` (AR is block 1 with shift); `static_cache`, `cuda_graphs` and
+    `compile_steps` as there."""
     cfg = model.config
     device = model.device
     eos_id = stop_token(eos_id, cfg.eos_token_id)
@@ -354,7 +358,7 @@ def generate_ar(
         rule = StepRule(cfg.mask_token_id, temperature, "low_confidence", None, None, None, generator)
         result = decode_static(model, prompts, 1, max_new_tokens, rule, 1, True, eos_id,
                                ActiveRows(len(prompts), on_event, cancelled), on_event, ar=True,
-                               cuda_graphs=cuda_graphs)
+                               cuda_graphs=cuda_graphs, compile_steps=compile_steps)
         return result if return_result else result.padded(eos_id if eos_id is not None else 0, device)
     N = len(prompts)
     lens = torch.tensor([len(p) for p in prompts])

@@ -205,20 +205,34 @@ def _graphable(rule: StepRule) -> bool:
     return rule.temperature == 0 and rule.remasking == "low_confidence"
 
 
-def _step_runner(model, st: DecodeState, rule: StepRule, shift: bool, cuda_graphs: bool | None):
-    """`run(first)`: one step, eager or as the replay of its CUDA graph (one graph for first steps, one for later)."""
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_block_step():
+    """`block_step` through torch.compile (fused elementwise kernels: RMSNorm, RoPE, SwiGLU, the rule), compiled
+    once per shape on first use; graphs then capture the compiled kernels."""
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(block_step, dynamic=False)
+    return _COMPILED["step"]
+
+
+def _step_runner(model, st: DecodeState, rule: StepRule, shift: bool, cuda_graphs: bool | None,
+                 compile_steps: bool = False):
+    """`run(first)`: one step, eager or as the replay of its CUDA graph (one graph for first steps, one for later);
+    with `compile_steps`, the step is torch.compile'd first."""
     use_graphs = (model.device.type == "cuda" and _graphable(rule)) if cuda_graphs is None else cuda_graphs
     if use_graphs and (model.device.type != "cuda" or not _graphable(rule)):
         raise ValueError("cuda_graphs=True needs a CUDA model and greedy low_confidence decoding")
+    step_fn = compiled_block_step() if compile_steps else block_step
 
     def eager(first: bool) -> None:
-        block_step(model, st, rule, shift, first)
+        step_fn(model, st, rule, shift, first)
 
     if not use_graphs:
         return eager
     graphs = []
     for first in (True, False):
-        key = (shift, rule.mask_id, rule.threshold, first)
+        key = (shift, rule.mask_id, rule.threshold, first, compile_steps)
         if key not in st.graphs:
             st.block_start.fill_(st.block)  # the warm-up steps need valid columns
             st.graphs[key] = _StepGraph(lambda first=first: eager(first))
@@ -242,14 +256,14 @@ def _schedule(canvas: Canvas, rows: int, S: int, device):
 @torch.no_grad()
 def decode_static(model, prompts: list[torch.Tensor], S: int, gen_length: int, rule: StepRule, block: int,
                   shift: bool, eos_id: int | None, active: ActiveRows, on_event=None, ar: bool = False,
-                  cuda_graphs: bool | None = None) -> GenerationResult:
+                  cuda_graphs: bool | None = None, compile_steps: bool = False) -> GenerationResult:
     """Decode a batch on fixed-shape buffers; same arguments and result as the CPU path (`decoding._decode`).
     `ar`: block 1 with shift is AR decoding; its events then number steps by token, as `generate_ar` does."""
     n = len(prompts)
     canvas = Canvas(prompts, gen_length, block, rule.mask_id if rule.mask_id is not None else 0, model.device,
                     lead=block)
     st = state_for(model, n, canvas.width, block, shift)
-    run_step = _step_runner(model, st, rule, shift, cuda_graphs)
+    run_step = _step_runner(model, st, rule, shift, cuda_graphs, compile_steps)
     st.load(canvas, model.config.max_position_embeddings)
     slots, counts, k_table = _schedule(canvas, st.ids.shape[0], S, model.device)
     host_ids = canvas.ids.cpu()
