@@ -245,6 +245,14 @@ def test_bad_decoding_arguments_name_the_fix(model, kwargs, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("bad", [384, -1])
+def test_token_ids_outside_the_vocabulary_are_refused(model, bad):
+    with pytest.raises(DecodingError, match=f"token id {bad}, outside this model's vocabulary"):
+        generate(model, [[5, 6, 7], [5, bad]], mask_id=MASK, gen_length=4, steps=4)
+    with pytest.raises(DecodingError, match="encode prompts with this model's tokenizer"):
+        generate_ar(model, [[5, bad]], 4)
+
+
 def test_missing_mask_token_points_to_convert():
     m = tiny_model(seed=0, mask_token_id=None)
     with pytest.raises(DecodingError, match="diffcoder convert"):

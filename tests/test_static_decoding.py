@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffcoder import static_decoding
 from diffcoder.decode_batch import Canvas
-from diffcoder.decode_rule import StepRule
+from diffcoder.decode_rule import StepRule, commit_counts
 from diffcoder.decoding import generate, generate_ar
 from diffcoder.testing import tiny_model
 
@@ -74,6 +74,31 @@ def test_a_block_step_never_reads_the_device(model, threshold, shift):
     assert not st.to_fill[: len(prompts), s : s + 4].any()  # the steps did commit the block
 
 
+@pytest.mark.parametrize("S", [1, 2, 3, 4, 8])
+def test_the_device_schedule_is_commit_counts(S):
+    prompts = [torch.tensor(p) for p in prompts_of(9, 3, 6, 1)]
+    canvas = Canvas(prompts, 24, 4, MASK, "cpu", lead=4)
+    slots, counts, table = static_decoding._schedule(canvas, 8, S, "cpu")
+    for b in range(canvas.n_blocks):
+        s, e = canvas.span(b)
+        for r in range(8):
+            n = int(canvas.to_fill[r, s:e].sum()) if r < len(prompts) else 0
+            assert slots[b][r] == n
+            assert [counts[b][j][r] for j in range(S)] == table[b, :, r].tolist() == commit_counts(n, S)
+
+
+def test_steps_that_see_part_of_the_width_give_the_same_tokens(model):
+    """A long generation: early blocks attend only a bucket of the width (256 of 512 columns here)."""
+    kw = dict(steps=296, gen_length=296, block_length=4, mask_id=MASK, eos_id=-1, return_result=True)
+    prompts = prompts_of(5, 40)
+    st = static_decoding.state_for(model, 2, 45 + 296, 4, False)
+    steps = static_decoding._Steps(model, st, StepRule(MASK), False, None, False, True)
+    assert steps.widths == [256, 512] and steps.visible_for(200) == 256
+    ref = generate(model, prompts, static_cache=False, **kw)
+    out = generate(model, prompts, static_cache=True, **kw)
+    assert [s.tolist() for s in out.sequences] == [s.tolist() for s in ref.sequences]
+
+
 def test_buffers_are_reused_and_leak_nothing_between_calls(model):
     kw = dict(steps=16, gen_length=16, block_length=4, mask_id=MASK, eos_id=-1, return_result=True,
               static_cache=True)
@@ -93,7 +118,10 @@ def test_buffer_shapes_are_bucketed_and_bounded(model):
     generate(model, prompts_of(5, 6, 7), **kw)  # 3 rows -> a bucket of 4
     (key,) = model.__dict__["_decode_states"]
     assert key[:4] == (4, static_decoding.WIDTH_MULTIPLE, 4, False)
-    for rows in (1, 2, 5, 9):
+    generate(model, prompts_of(5, 6), **kw)  # 2 rows fit the 4-row buffers: reused
+    assert list(model.__dict__["_decode_states"]) == [key]
+    assert [static_decoding.row_bucket(n) for n in (1, 3, 8, 9, 17, 64)] == [1, 4, 8, 16, 24, 64]
+    for rows in (1, 9, 20):
         generate(model, prompts_of(*range(4, 4 + rows)), **kw)
     assert len(model.__dict__["_decode_states"]) == static_decoding.KEPT_STATES
 
@@ -167,18 +195,21 @@ def test_cuda_steps_run_without_a_sync():
     canvas = Canvas(prompts, 16, 4, MASK, gpu_model.device, lead=4)
     st = static_decoding.state_for(gpu_model, 2, canvas.width, 4, False)
     rule = StepRule(MASK)
-    graphed = static_decoding._step_runner(gpu_model, st, rule, False, True)
+    graphed = static_decoding._Steps(gpu_model, st, rule, False, True, False, True)
     st.load(canvas, gpu_model.config.max_position_embeddings)
     static_decoding.prefill(gpu_model, st, canvas.t0 - 4)
-    st.block_start.fill_(canvas.span(0)[0])
+    s, e = canvas.span(0)
+    st.block_start.fill_(s)
     st.k.fill_(1)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for j in range(4):
             st.step.fill_(j)
-            graphed(j == 0)
+            graphed(j == 0, graphed.visible_for(e))
+            st.cache.visible = graphed.visible_for(e)
             static_decoding.block_step(gpu_model, st, rule, False, j == 0)  # the eager step too
+        static_decoding.finish_block(st, s, e, eos_id=2)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

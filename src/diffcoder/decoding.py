@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # decoding needs only the model's interface, so it does not i
     from diffcoder.model import DiffusionLM
 
 __all__ = [
-    "DecodeEvent", "GenerationResult", "StepRule", "block_spans", "check_prompt_fits", "choose_commits",
+    "DecodeEvent", "GenerationResult", "StepRule", "block_spans", "check_prompt_fits", "check_token_ids",
+    "choose_commits",
     "commit_counts", "denoise_step", "filter_logits", "generate", "generate_ar", "propose", "stop_token",
     "token_logprobs", "validate",
 ]
@@ -75,6 +76,16 @@ def check_prompt_fits(prompt_len: int, new_tokens: int, max_positions: int, what
             f"prompt ({prompt_len} tokens) + {what} ({new_tokens}) exceeds the model's "
             f"{max_positions} positions; shorten the prompt or lower gen_length/max_new_tokens"
         )
+
+
+def check_token_ids(prompts: list[torch.Tensor], vocab_size: int) -> None:
+    """Every prompt id must be a row of the embedding (on CUDA an id outside it is a device-side assert that
+    takes the process down, the server's included)."""
+    for i, p in enumerate(prompts):
+        if len(p) and (int(p.min()) < 0 or int(p.max()) >= vocab_size):
+            bad = int(p.min()) if int(p.min()) < 0 else int(p.max())
+            raise DecodingError(f"prompt {i} holds token id {bad}, outside this model's vocabulary "
+                                f"(0..{vocab_size - 1}); encode prompts with this model's tokenizer")
 
 
 def stop_token(eos_id: int | None, default: int | None) -> int | None:
@@ -190,6 +201,7 @@ def generate(
     S = 1
     for p in prompts:
         S = validate(len(p), gen_length, steps, block, cfg.max_position_embeddings)
+    check_token_ids(prompts, cfg.vocab_size)
 
     rule = StepRule(mask_id, temperature, remasking, threshold, top_k, top_p, generator)
     active = ActiveRows(len(prompts), on_event, cancelled)
@@ -354,6 +366,7 @@ def generate_ar(
     prompts = _prompts_from(input_ids, attention_mask)
     for p in prompts:
         check_prompt_fits(len(p), max_new_tokens, cfg.max_position_embeddings, "max_new_tokens")
+    check_token_ids(prompts, cfg.vocab_size)
     if use_static_path(model, static_cache):
         rule = StepRule(cfg.mask_token_id, temperature, "low_confidence", None, None, None, generator)
         result = decode_static(model, prompts, 1, max_new_tokens, rule, 1, True, eos_id,

@@ -140,14 +140,17 @@ class KVCache:
 
 
 class StaticKVCache(KVCache):
-    """The same buffers, written by index at the columns in a device tensor, and read over their whole width
-    (the attention mask hides the columns not yet valid). No shape depends on where decoding is, so a decode
-    step has the same shapes every time and can be captured in a CUDA graph (`diffcoder.static_decoding`)."""
+    """The same buffers, written by index at the columns in a device tensor, and read over the first `visible`
+    columns (the whole width unless set; the attention mask hides what is not valid yet). No shape depends on where
+    decoding is, so a decode step has the same shapes every time and can be captured in a CUDA graph
+    (`diffcoder.static_decoding`, which sets `visible` per graph from a few width buckets)."""
+
+    visible: int | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor):  # type: ignore[override]
         self.k[layer].index_copy_(2, cols, k)
         self.v[layer].index_copy_(2, cols, v)
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, : self.visible], self.v[layer][:, :, : self.visible]
 
 
 def _is_block_mask(mask) -> bool:
@@ -197,18 +200,21 @@ FOLD_MAX_QUERIES = 64
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA with grouped-query attention. q: [b, heads, s, d]; k, v: [b, kv_heads, t, d]; mask [b or 1, 1, s, t].
 
-    For a few queries (decode steps), the query heads that share a KV head are folded into the query axis, so
-    every SDPA kernel reads the cache once per KV head instead of a copy repeated per query head (a masked
-    `enable_gqa` call may fall back to the math kernel, which makes that copy: the cache, times the group)."""
+    The query heads that share a KV head are folded into the query axis, so the kernel reads each KV head once:
+    a masked `enable_gqa` call has no fused CUDA kernel and falls back to the math kernel, which copies the keys
+    and values once per query head and materialises every score. Folded, a boolean mask (grown by the group)
+    takes the memory-efficient kernel. Done for short queries everywhere (decode steps) and for any masked call on
+    CUDA; long unmasked or CPU calls keep `enable_gqa`."""
     b, heads, s, d = q.shape
     group = heads // k.shape[1]
-    if group == 1 or s > FOLD_MAX_QUERIES:
+    if group == 1 or not (s <= FOLD_MAX_QUERIES or (q.is_cuda and attn_mask is not None)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=group > 1)
     folded = q.reshape(b, k.shape[1], group * s, d)  # head h uses KV head h // group: group-major, then query
     if attn_mask is not None:
         t = attn_mask.shape[-1]
         attn_mask = attn_mask.expand(b, 1, s, t)[:, :, None].expand(b, 1, group, s, t).reshape(b, 1, group * s, t)
-    return F.scaled_dot_product_attention(folded, k, v, attn_mask=attn_mask).view(b, heads, s, d)
+    # reshape, not view: CUDA kernels may return a transposed layout
+    return F.scaled_dot_product_attention(folded, k, v, attn_mask=attn_mask).reshape(b, heads, s, d)
 
 
 class MLP(nn.Module):

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from diffcoder.decode_batch import ActiveRows, Canvas, DecodeEvent, GenerationResult
-from diffcoder.decode_rule import StepRule, choose_commits, commit_counts, propose
+from diffcoder.decode_rule import StepRule, choose_commits, propose
 from diffcoder.masks import canvas_attention_mask
 
-ROW_BUCKETS_MIN, WIDTH_MULTIPLE, KEPT_STATES = 1, 256, 2
+WIDTH_MULTIPLE, KEPT_STATES = 256, 2
 
 
 @dataclass
@@ -114,7 +114,7 @@ def block_step(model, st: DecodeState, rule: StepRule, shift: bool, first: bool)
     B = st.block
     cols = st.block_start + (st.first_cols if first else st.later_cols)
     cur = st.block_start + st.later_cols
-    attn = canvas_attention_mask(cols, st.all_cols, st.valid, B)
+    attn = canvas_attention_mask(cols, st.all_cols[: st.cache.visible], st.valid, B)
     hidden = model.hidden_states(st.ids.index_select(1, cols), st.positions.index_select(1, cols), attn, st.cache,
                                  cols)
     pred = hidden[:, -B:]
@@ -149,16 +149,18 @@ def finish_block(st: DecodeState, s: int, e: int, eos_id: int | None) -> torch.T
 
 
 def prefill(model, st: DecodeState, upto: int) -> None:
-    """Keys of the prompt columns [0, upto), block-causal, into the cache (one forward, its shape not reused)."""
+    """Keys of the prompt columns [0, upto), block-causal, into the cache (one eager forward that sees only those
+    columns)."""
     cols = st.all_cols[:upto]
-    attn = canvas_attention_mask(cols, st.all_cols, st.valid, st.block)
-    model.hidden_states(st.ids[:, :upto], st.positions[:, :upto], attn, st.cache, cols)
+    st.cache.visible = upto
+    model.hidden_states(st.ids[:, :upto], st.positions[:, :upto],
+                        canvas_attention_mask(cols, cols, st.valid, st.block), st.cache, cols)
 
 
 class _StepGraph:
     """`block_step` captured once as a CUDA graph; replaying it re-runs every kernel on the same buffers."""
 
-    def __init__(self, step) -> None:
+    def __init__(self, step, pool) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, workspaces, autotuning
@@ -167,7 +169,8 @@ class _StepGraph:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the server decodes on its engine thread while other threads may touch CUDA
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # one memory pool per state: its graphs never run at once and keep no outputs of their own
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             step()
 
     def __call__(self) -> None:
@@ -178,20 +181,25 @@ class _StepGraph:
 # The host side
 
 
-def _bucket(n: int) -> int:
-    return max(ROW_BUCKETS_MIN, 1 << (n - 1).bit_length())
+def row_bucket(n: int) -> int:
+    """Rows a batch of n is padded to: 1, 2, 4, 8, then multiples of 8 (a graph per bucket, little waste)."""
+    return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
 
 
 def state_for(model, rows: int, width: int, block: int, shift: bool) -> DecodeState:
-    """The model's buffers for a batch of this shape: reused when they exist, else allocated (the least recently
-    used of more than KEPT_STATES shapes is dropped, graphs with it)."""
-    key = (_bucket(rows), -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, block, shift, model.dtype, str(model.device),
-           hash(tuple(p.data_ptr() for p in model.parameters())))  # new weights (e.g. .to()) invalidate graphs
+    """Buffers for a batch of this shape: an existing state of the model that holds it without doubling its rows or
+    width, else a new one (the least recently used beyond KEPT_STATES is dropped, its graphs with it)."""
+    rows, width = row_bucket(rows), -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    cos, _ = model.rope_table(model.dtype, model.device)  # graphs hold its address too
+    same = (block, shift, model.dtype, str(model.device),
+            hash((cos.data_ptr(), *(p.data_ptr() for p in model.parameters()))))  # new weights: new graphs
     states: OrderedDict = model.__dict__.setdefault("_decode_states", OrderedDict())
+    fits = [k for k in states if k[2:] == same and rows <= k[0] <= 2 * rows and width <= k[1] <= 2 * width]
+    key = min(fits, key=lambda k: k[0] * k[1]) if fits else (rows, width, *same)
     if key not in states:
         while len(states) >= KEPT_STATES:
             states.popitem(last=False)
-        states[key] = DecodeState.allocate(model, key[0], key[1], block, shift)
+        states[key] = DecodeState.allocate(model, rows, width, block, shift)
     states.move_to_end(key)
     return states[key]
 
@@ -212,45 +220,71 @@ def compiled_block_step():
     """`block_step` through torch.compile (fused elementwise kernels: RMSNorm, RoPE, SwiGLU, the rule), compiled
     once per shape on first use; graphs then capture the compiled kernels."""
     if "step" not in _COMPILED:
+        import torch._dynamo
+
+        config = torch._dynamo.config  # a shape per (rows, width, visible width, first/later): more than 8
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), 64))
         _COMPILED["step"] = torch.compile(block_step, dynamic=False)
     return _COMPILED["step"]
 
 
-def _step_runner(model, st: DecodeState, rule: StepRule, shift: bool, cuda_graphs: bool | None,
-                 compile_steps: bool = False):
-    """`run(first)`: one step, eager or as the replay of its CUDA graph (one graph for first steps, one for later);
-    with `compile_steps`, the step is torch.compile'd first."""
-    use_graphs = (model.device.type == "cuda" and _graphable(rule)) if cuda_graphs is None else cuda_graphs
-    if use_graphs and (model.device.type != "cuda" or not _graphable(rule)):
-        raise ValueError("cuda_graphs=True needs a CUDA model and greedy low_confidence decoding")
-    step_fn = compiled_block_step() if compile_steps else block_step
+class _Steps:
+    """`run(first, visible)`: one step over the first `visible` cache columns, eager or as the replay of its CUDA
+    graph. Graphs are captured before the call's canvas is loaded (their warm-up runs real steps on the buffers), one
+    per (first/later, visible width) this call can need; with `compile_steps` the step is torch.compile'd."""
 
-    def eager(first: bool) -> None:
-        step_fn(model, st, rule, shift, first)
+    def __init__(self, model, st: DecodeState, rule: StepRule, shift: bool, cuda_graphs: bool | None,
+                 compile_steps: bool, later_steps: bool):
+        use_graphs = (model.device.type == "cuda" and _graphable(rule)) if cuda_graphs is None else cuda_graphs
+        if use_graphs and (model.device.type != "cuda" or not _graphable(rule)):
+            raise ValueError("cuda_graphs=True needs a CUDA model and greedy low_confidence decoding")
+        step_fn = compiled_block_step() if compile_steps else block_step
+        W = st.ids.shape[1]
+        # a few visible widths (a compiled step recompiles per width: then the whole width only)
+        self.widths = [W] if compile_steps else sorted({min(W, -(-W * i // 4 // 256) * 256) for i in (1, 2, 3, 4)})
+        self.st, self.graphs = st, None
 
-    if not use_graphs:
-        return eager
-    graphs = []
-    for first in (True, False):
-        key = (shift, rule.mask_id, rule.threshold, first, compile_steps)
-        if key not in st.graphs:
-            st.block_start.fill_(st.block)  # the warm-up steps need valid columns
-            st.graphs[key] = _StepGraph(lambda first=first: eager(first))
-        graphs.append(st.graphs[key])
-    return lambda first: graphs[0 if first else 1]()
+        def eager(first: bool) -> None:
+            step_fn(model, st, rule, shift, first)
+
+        self.eager = eager
+        if use_graphs:
+            if "pool" not in st.graphs:
+                st.graphs["pool"] = torch.cuda.graph_pool_handle()
+            self.graphs = {}
+            for first in (True, False) if later_steps else (True,):
+                for vis in self.widths:
+                    key = (shift, rule.mask_id, rule.threshold, compile_steps, first, vis)
+                    if key not in st.graphs:
+                        st.block_start.fill_(st.block)  # the warm-up steps need valid columns
+                        st.cache.visible = vis
+                        st.graphs[key] = _StepGraph(lambda first=first: eager(first), st.graphs["pool"])
+                    self.graphs[first, vis] = st.graphs[key]
+
+    def visible_for(self, block_end: int) -> int:
+        return next(w for w in self.widths if w >= block_end)
+
+    def __call__(self, first: bool, visible: int) -> None:
+        if self.graphs is not None:
+            self.graphs[first, visible]()
+        else:
+            self.st.cache.visible = visible
+            self.eager(first)
 
 
 def _schedule(canvas: Canvas, rows: int, S: int, device):
     """From the layout alone (every generation slot of a block starts masked): the slots per (block, row), and the
-    commits per (block, step, row) as lists for the host and as one [blocks, S, rows] tensor for the device."""
-    slots, table = [], torch.zeros(canvas.n_blocks, S, rows, dtype=torch.long)
-    gen_start = canvas.pads + canvas.lens
-    for b in range(canvas.n_blocks):
-        s, e = canvas.span(b)
-        slots.append((canvas.ends.clamp(max=e) - gen_start.clamp(min=s)).clamp(min=0).tolist())
-        for r, x in enumerate(slots[-1]):
-            table[b, :, r] = torch.tensor(commit_counts(x, S))
-    return slots, table.tolist(), table.to(device)
+    commits per (block, step, row) (docs/design.md §2.3) as lists for the host and as one tensor for the device."""
+    starts = canvas.t0 + canvas.block * torch.arange(canvas.n_blocks)
+    gen_start, ends = canvas.pads + canvas.lens, canvas.ends
+    slots = torch.zeros(canvas.n_blocks, rows, dtype=torch.long)
+    slots[:, : len(ends)] = (torch.minimum(ends[None], starts[:, None] + canvas.block)
+                             - torch.maximum(gen_start[None], starts[:, None])).clamp(min=0)
+    steps = torch.arange(S)[None, :, None]
+    table = slots[:, None] // S + (steps < slots[:, None] % S).long()  # [blocks, S, rows]
+    return slots.tolist(), table.tolist(), table.to(device)
 
 
 @torch.no_grad()
@@ -263,16 +297,19 @@ def decode_static(model, prompts: list[torch.Tensor], S: int, gen_length: int, r
     canvas = Canvas(prompts, gen_length, block, rule.mask_id if rule.mask_id is not None else 0, model.device,
                     lead=block)
     st = state_for(model, n, canvas.width, block, shift)
-    run_step = _step_runner(model, st, rule, shift, cuda_graphs, compile_steps)
+    run_step = _Steps(model, st, rule, shift, cuda_graphs, compile_steps,
+                      later_steps=block > 1 and (S > 1 or rule.threshold is not None))
     st.load(canvas, model.config.max_position_embeddings)
     slots, counts, k_table = _schedule(canvas, st.ids.shape[0], S, model.device)
     host_ids = canvas.ids.cpu()
+    layout = (canvas.pads.tolist(), (canvas.pads + canvas.lens).tolist(), canvas.ends.tolist())
     forwards = steps_taken = 0
     if canvas.t0 > block:
         prefill(model, st, canvas.t0 - block)
         forwards += 1
     for b in range(canvas.n_blocks):
         s, e = canvas.span(b)
+        visible = run_step.visible_for(e)
         st.block_start.fill_(s)
         st.commit_step.fill_(-1)
         ran = []  # (step index, forwards after it)
@@ -281,21 +318,22 @@ def decode_static(model, prompts: list[torch.Tensor], S: int, gen_length: int, r
                 if any(counts[b][j][r] for r in active.rows):  # a step that commits nothing is skipped
                     st.k.copy_(k_table[b, j])
                     st.step.fill_(j)
-                    run_step(not ran)
+                    run_step(not ran, visible)
                     forwards += 1
                     ran.append((j, forwards))
         elif any(slots[b][r] for r in active.rows):
             while True:
                 st.step.fill_(len(ran))
-                run_step(not ran)
+                run_step(not ran, visible)
                 forwards += 1
                 ran.append((len(ran), forwards))
                 if not bool(st.to_fill[:, s:e].any()):  # the one read per step that a threshold needs
                     break
         report = finish_block(st, s, e, eos_id).cpu()  # the one read per block
-        steps_taken += _emit_block(report, canvas, host_ids, active, on_event, b, s, e, ran, forwards, ar)
-        for r in range(n):
-            if r not in active.rows and not bool(report[r, -1]):  # cancelled this block: make the row inert
+        gone = list(active.rows)
+        steps_taken += _emit_block(report, layout, host_ids, active, on_event, b, s, e, ran, forwards, ar)
+        for r in set(gone) - set(active.rows):
+            if not report[r, -1]:  # cancelled during this block: make the row inert
                 st.done[r] = True
                 st.to_fill[r] = False
         if not active.rows:
@@ -304,41 +342,42 @@ def decode_static(model, prompts: list[torch.Tensor], S: int, gen_length: int, r
                             prompt_lengths=[len(p) for p in prompts], forwards=forwards, steps=steps_taken)
 
 
-def _emit_block(report: torch.Tensor, canvas: Canvas, host_ids: torch.Tensor, active: ActiveRows, on_event,
-                b: int, s: int, e: int, ran: list[tuple[int, int]], forwards: int, ar: bool) -> int:
+def _emit_block(report: torch.Tensor, layout: tuple[list[int], list[int], list[int]], host_ids: torch.Tensor,
+                active: ActiveRows, on_event, b: int, s: int, e: int, ran: list[tuple[int, int]], forwards: int,
+                ar: bool) -> int:
     """The host's side of a finished block, from the one tensor read: commit events in step order, block events,
     finished rows settled. Returns the (row, step) pairs that committed something."""
     B = e - s
     tokens, committed, when, done = report[:, :B], report[:, B : 2 * B], report[:, 2 * B : 3 * B], report[:, -1]
-    n = host_ids.shape[0]
-    host_ids[:, s:e] = tokens[:n]
+    pads, gen_starts, ends = layout
+    host_ids[:, s:e] = tokens[: host_ids.shape[0]]
     rows = list(active.rows)
-    steps_taken = sum(len(set(when[r][when[r] >= 0].tolist())) for r in rows)
+    ordered = when[rows].sort(-1).values  # distinct commit steps per row: count the changes, -1 (none) aside
+    steps_taken = int(((ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] >= 0)).sum() + (ordered[:, 0] >= 0).sum())
     commits: dict[int, list[DecodeEvent]] = {r: [] for r in rows}  # per row, in step order
     if on_event is not None:
         for j, fwd in ran:
             for r in rows:
                 c = torch.nonzero(when[r] == j).flatten()
                 if len(c):
-                    commits[r].append(DecodeEvent("commit", r, b, b if ar else j,
-                                                  (c + s - int(canvas.pads[r])).tolist(), committed[r, c].tolist(),
-                                                  fwd))
+                    commits[r].append(DecodeEvent("commit", r, b, b if ar else j, (c + s - pads[r]).tolist(),
+                                                  committed[r, c].tolist(), fwd))
         if not ar:  # the CPU path streams a step's commits as the step ends: step-major, rows in order
-            for event in sorted((e for r in rows for e in commits[r]), key=lambda e: e.step):
+            for event in sorted((ev for r in rows for ev in commits[r]), key=lambda ev: ev.step):
                 on_event(event)
-    last_step = ran[-1][0] + 1 if ran else 0
+    step = b if ar else (ran[-1][0] + 1 if ran else 0)
+    done_rows = done.tolist()
     keep = []
     for i, r in enumerate(rows):
-        pad, row_end = int(canvas.pads[r]), int(canvas.ends[r])
-        gen_start, blk_end = max(s, pad + int(canvas.lens[r])), min(e, row_end)
-        step = b if ar else last_step
-        if on_event is not None and ar:  # the AR decoder streams each row's token, then its block
-            for event in commits[r]:
-                on_event(event)
-        if on_event is not None and gen_start < blk_end:
-            on_event(DecodeEvent("block", r, b, step, list(range(gen_start - pad, blk_end - pad)),
-                                 host_ids[r, gen_start:blk_end].tolist(), forwards))
-        if active.settle(i, bool(done[r]), host_ids[r, pad:blk_end], b, step, forwards):
+        gen_start, blk_end = max(s, gen_starts[r]), min(e, ends[r])
+        if on_event is not None:
+            if ar:  # the AR decoder streams each row's token, then its block
+                for event in commits[r]:
+                    on_event(event)
+            if gen_start < blk_end:
+                on_event(DecodeEvent("block", r, b, step, list(range(gen_start - pads[r], blk_end - pads[r])),
+                                     host_ids[r, gen_start:blk_end].tolist(), forwards))
+        if active.settle(i, bool(done_rows[r]), host_ids[r, pads[r] : blk_end], b, step, forwards):
             keep.append(i)
     active.rows = [rows[i] for i in keep]
     return steps_taken
