@@ -43,7 +43,7 @@ from diffcoder.decode_batch import Canvas  # noqa: E402
 from diffcoder.decode_rule import StepRule  # noqa: E402
 from diffcoder.decoding import generate, generate_ar  # noqa: E402
 from diffcoder.model import DiffusionLM, ModelConfig  # noqa: E402
-from diffcoder.static_decoding import _step_runner, prefill, state_for  # noqa: E402
+from diffcoder.static_decoding import _Steps, prefill, state_for  # noqa: E402
 
 SHAPES = {  # 8b: Stable-DiffCoder-8B's shape; tiny: a few MB, for the CPU smoke test
     "8b": dict(vocab_size=155136, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -123,7 +123,12 @@ def step_ms(model: DiffusionLM, prompt_len: int, new_tokens: int, reps: int) -> 
     canvas = Canvas([prompt], new_tokens, BLOCK, MASK_ID, model.device, lead=BLOCK)
     st = state_for(model, 1, canvas.width, BLOCK, False)
     t0 = time.perf_counter()
-    run = _step_runner(model, st, StepRule(MASK_ID), False, None)  # captures the graph on CUDA
+    steps = _Steps(model, st, StepRule(MASK_ID), False, None, False, True)  # captures the graphs on CUDA
+    visible = steps.visible_for(canvas.span(0)[1])
+
+    def run(first: bool) -> None:
+        steps(first, visible)
+
     st.load(canvas, model.config.max_position_embeddings)
     prefill(model, st, canvas.t0 - BLOCK)
     st.block_start.fill_(canvas.t0)
