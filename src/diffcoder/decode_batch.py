@@ -87,13 +87,14 @@ class Canvas:
         self.t0 = max(int(first_block.max()), lead)
         self.pads = self.t0 - first_block
         self.lens = lens
-        self.ends = self.pads + lens + gen_length  # exclusive canvas end per row
+        self.gen_start = self.pads + lens  # first generated column per row
+        self.ends = self.gen_start + gen_length  # exclusive canvas end per row
         self.n_blocks = -(-(int(self.ends.max()) - self.t0) // block)
         self.block = block
         width = self.t0 + self.n_blocks * block
         cols = torch.arange(width)
         valid = (cols >= self.pads[:, None]) & (cols < self.ends[:, None])  # real tokens (prompt or generation)
-        to_fill = (cols >= (self.pads + lens)[:, None]) & valid
+        to_fill = (cols >= self.gen_start[:, None]) & valid
         ids = torch.full((len(prompts), width), mask_id, dtype=torch.long)
         ids[~valid] = 0  # padding columns: never attended to, any id will do
         for i, p in enumerate(prompts):
@@ -117,7 +118,7 @@ class Canvas:
         EOS in the generated part fills the rest of the block with EOS and ends the row (docs/design.md §2.6)."""
         row_end = int(self.ends[r])
         blk_end = min(e, row_end)
-        gen_start = max(s, int(self.pads[r] + self.lens[r]))
+        gen_start = max(s, int(self.gen_start[r]))
         done = blk_end >= row_end
         if eos_id is not None and gen_start < blk_end:
             hits = torch.nonzero(self.ids[r, gen_start:blk_end] == eos_id).flatten()
@@ -130,4 +131,5 @@ class Canvas:
         on_device = idx.to(self.ids.device)
         self.ids, self.valid, self.to_fill, self.positions = (
             t[on_device] for t in (self.ids, self.valid, self.to_fill, self.positions))
-        self.pads, self.lens, self.ends = (t[idx] for t in (self.pads, self.lens, self.ends))
+        self.pads, self.lens, self.gen_start, self.ends = (
+            t[idx] for t in (self.pads, self.lens, self.gen_start, self.ends))

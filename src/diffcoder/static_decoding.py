@@ -95,7 +95,7 @@ class DecodeState:
         pads[:n] = canvas.pads
         # columns past a row's end get positions too (never attended): keep them inside the RoPE table
         self.positions.copy_((self.all_cols[None] - pads.to(self.ids.device)[:, None]).clamp(0, max_positions - 1))
-        self.gen_start[:n] = (canvas.pads + canvas.lens).to(self.ids.device)
+        self.gen_start[:n] = canvas.gen_start.to(self.ids.device)
         self.ends[:n] = canvas.ends.to(self.ids.device)
         self.done.fill_(True)
         self.done[:n] = False
@@ -243,7 +243,8 @@ class _Steps:
         step_fn = compiled_block_step() if compile_steps else block_step
         W = st.ids.shape[1]
         # a few visible widths (a compiled step recompiles per width: then the whole width only)
-        self.widths = [W] if compile_steps else sorted({min(W, -(-W * i // 4 // 256) * 256) for i in (1, 2, 3, 4)})
+        self.widths = [W] if compile_steps else sorted({min(W, -(-W * i // 4 // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
+                                                          for i in (1, 2, 3, 4)})
         self.st, self.graphs = st, None
 
         def eager(first: bool) -> None:
@@ -275,13 +276,11 @@ class _Steps:
 
 
 def _schedule(canvas: Canvas, rows: int, S: int, device):
-    """From the layout alone (every generation slot of a block starts masked): the slots per (block, row), and the
-    commits per (block, step, row) (docs/design.md §2.3) as lists for the host and as one tensor for the device."""
-    starts = canvas.t0 + canvas.block * torch.arange(canvas.n_blocks)
-    gen_start, ends = canvas.pads + canvas.lens, canvas.ends
+    """The masked slots per (block, row), read off the canvas before any step, and the commits per (block, step, row)
+    (docs/design.md §2.3) as lists for the host and as one tensor for the device."""
+    n, B = canvas.ids.shape[0], canvas.block
     slots = torch.zeros(canvas.n_blocks, rows, dtype=torch.long)
-    slots[:, : len(ends)] = (torch.minimum(ends[None], starts[:, None] + canvas.block)
-                             - torch.maximum(gen_start[None], starts[:, None])).clamp(min=0)
+    slots[:, :n] = canvas.to_fill[:, canvas.t0 :].reshape(n, canvas.n_blocks, B).sum(-1).T.cpu()
     steps = torch.arange(S)[None, :, None]
     table = slots[:, None] // S + (steps < slots[:, None] % S).long()  # [blocks, S, rows]
     return slots.tolist(), table.tolist(), table.to(device)
@@ -302,7 +301,7 @@ def decode_static(model, prompts: list[torch.Tensor], S: int, gen_length: int, r
     st.load(canvas, model.config.max_position_embeddings)
     slots, counts, k_table = _schedule(canvas, st.ids.shape[0], S, model.device)
     host_ids = canvas.ids.cpu()
-    layout = (canvas.pads.tolist(), (canvas.pads + canvas.lens).tolist(), canvas.ends.tolist())
+    layout = (canvas.pads.tolist(), canvas.gen_start.tolist(), canvas.ends.tolist())
     forwards = steps_taken = 0
     if canvas.t0 > block:
         prefill(model, st, canvas.t0 - block)
@@ -330,9 +329,9 @@ def decode_static(model, prompts: list[torch.Tensor], S: int, gen_length: int, r
                 if not bool(st.to_fill[:, s:e].any()):  # the one read per step that a threshold needs
                     break
         report = finish_block(st, s, e, eos_id).cpu()  # the one read per block
-        gone = list(active.rows)
+        before = set(active.rows)
         steps_taken += _emit_block(report, layout, host_ids, active, on_event, b, s, e, ran, forwards, ar)
-        for r in set(gone) - set(active.rows):
+        for r in before - set(active.rows):
             if not report[r, -1]:  # cancelled during this block: make the row inert
                 st.done[r] = True
                 st.to_fill[r] = False
