@@ -57,17 +57,21 @@ MASK_ID, BLOCK, NOMINAL_TBS = 5, 4, 3.35  # mask id inside the vocabulary; H100 
 BATCHED = {"ours", "ar", "hf-static", "ours-compiled", "ar-compiled"}
 
 
-def build_model(shape: str, device: str, seed: int = 0) -> DiffusionLM:
-    """Random bf16 weights made directly on the device (meta-built, so no float32 or CPU copy ever exists)."""
-    cfg = ModelConfig(**SHAPES[shape], tie_word_embeddings=False, mask_token_id=MASK_ID, block_size=BLOCK)
+def on_meta_in_bf16(build):
+    """`build()` with parameters on the meta device in bfloat16: no weight memory until `to_empty` or `assign`."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("meta"):
-            model = DiffusionLM(cfg)
+            return build()
     finally:
         torch.set_default_dtype(old)
-    model = model.to_empty(device=device).eval()
+
+
+def build_model(shape: str, device: str, seed: int = 0) -> DiffusionLM:
+    """Random bf16 weights made directly on the device (meta-built, so no float32 or CPU copy ever exists)."""
+    cfg = ModelConfig(**SHAPES[shape], tie_word_embeddings=False, mask_token_id=MASK_ID, block_size=BLOCK)
+    model = on_meta_in_bf16(lambda: DiffusionLM(cfg)).to_empty(device=device).eval()
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -80,13 +84,7 @@ def build_hf(model: DiffusionLM):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hcfg = LlamaConfig(**model.config.to_hf_dict())
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            hf = LlamaForCausalLM(hcfg)
-    finally:
-        torch.set_default_dtype(old)
+    hf = on_meta_in_bf16(lambda: LlamaForCausalLM(hcfg))
     result = hf.load_state_dict(model.state_dict(), strict=False, assign=True)
     with torch.device(model.device):  # non-persistent rotary buffers: rebuilt on the device
         hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hcfg)
